@@ -1,0 +1,94 @@
+"""Balanced-performance evaluation of policies against pi_ref on held-out prompts.
+
+For each policy we sample one response per prompt and report, per objective: the mean oracle
+reward; the same z-normalised against pi_ref's reward distribution (so objectives on different
+scales are comparable) and its worst objective; the win rate against a pi_ref response to the
+same prompt (ties count half) and its minimum; and a Monte-Carlo KL(pi || pi_ref) estimate,
+mean over samples of log pi(y|x) - log pi_ref(y|x) (the mixed policy's log-prob is its
+token-level normalised decoding distribution).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mpo_exp.cost import CostMeter
+from mpo_exp.data import SequenceBatch
+from mpo_exp.generation import decode_prompts, decode_responses, encode_prompts, sample
+from mpo_exp.mpo.mixing import MixedPolicy
+from mpo_exp.scoring import score_sequences
+from mpo_exp.tasks.base import Task
+
+
+def win_rate(rewards: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """Share of rows where ``rewards`` beats ``baseline``, ties counting half: (K,)."""
+    return ((rewards > baseline).float() + 0.5 * (rewards == baseline).float()).mean(0)
+
+
+def z_scores(rewards: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """(mean reward - baseline mean) / baseline std, per objective: (K,)."""
+    return (rewards.mean(0) - baseline.mean(0)) / baseline.std(0).clamp(min=1e-8)
+
+
+@dataclass
+class PolicyEval:
+    rewards: torch.Tensor  # (n, K)
+    kl: float
+    examples: list[tuple[str, str]]
+
+    def summary(self, objectives: list[str], baseline: torch.Tensor) -> dict:
+        z = z_scores(self.rewards, baseline)
+        wr = win_rate(self.rewards, baseline)
+        return {
+            "reward": dict(zip(objectives, self.rewards.mean(0).tolist(), strict=True)),
+            "reward_z": dict(zip(objectives, z.tolist(), strict=True)),
+            "min_reward_z": float(z.min()),
+            "win_rate": dict(zip(objectives, wr.tolist(), strict=True)),
+            "min_win_rate": float(wr.min()),
+            "kl": self.kl,
+        }
+
+
+class Evaluator:
+    def __init__(
+        self,
+        task: Task,
+        ref: MixedPolicy,
+        n_prompts: int,
+        seed: int,
+        batch_size: int = 256,
+        temperature: float = 1.0,
+        n_examples: int = 3,
+    ) -> None:
+        self.task, self.ref, self.batch_size, self.temperature = task, ref, batch_size, temperature
+        self.n_examples, self.seed = n_examples, seed
+        self.prompts = encode_prompts(ref.tokenizer, task.prompts("eval", n_prompts, seed))
+        self.baseline: torch.Tensor | None = None
+
+    def _sample(self, policy: MixedPolicy, meter: CostMeter | None) -> SequenceBatch:
+        return sample(
+            policy, self.prompts, self.task.max_new_tokens, self.batch_size, self.temperature, meter,
+            desc=f"eval: sampling {policy.name}",
+        )
+
+    def _rewards(self, batch: SequenceBatch) -> tuple[torch.Tensor, list[str], list[str]]:
+        tok = self.ref.tokenizer
+        prompts, responses = decode_prompts(tok, batch), decode_responses(tok, batch)
+        return self.task.rewards(prompts, responses), prompts, responses
+
+    def reference_rewards(self, meter: CostMeter | None = None) -> torch.Tensor:
+        """pi_ref's responses that every policy is compared against (drawn once)."""
+        if self.baseline is None:
+            torch.manual_seed(self.seed)
+            self.baseline = self._rewards(self._sample(self.ref, meter))[0]
+        return self.baseline
+
+    def evaluate(self, policy: MixedPolicy, meter: CostMeter | None = None) -> PolicyEval:
+        batch = self._sample(policy, meter)
+        rewards, prompts, responses = self._rewards(batch)
+        logp = score_sequences(*policy.live, batch, self.batch_size, meter)
+        logp_ref = score_sequences(*self.ref.live, batch, self.batch_size, meter)
+        examples = list(zip(prompts[: self.n_examples], responses[: self.n_examples], strict=True))
+        return PolicyEval(rewards, float((logp - logp_ref).mean()), examples)

@@ -1,0 +1,87 @@
+"""Per-objective preference pairs: two pi_ref samples per prompt, labelled by the oracle.
+
+The label for objective k is a Bradley–Terry draw, P(a > b) = sigmoid((r_k(a) - r_k(b)) / T);
+T (``bt_temperature``) is the label noise (T -> 0: the oracle's ranking, larger T: noisier).
+Exact reward ties carry no preference and are dropped by default. The same response pairs are
+labelled once per objective, as in HH-RLHF's per-attribute labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mpo_exp.cost import CostMeter
+from mpo_exp.data import PreferenceDataset, SequenceBatch
+from mpo_exp.generation import decode_prompts, decode_responses, encode_prompts, sample
+from mpo_exp.mpo.mixing import MixedPolicy
+from mpo_exp.scoring import score_sequences
+from mpo_exp.tasks.base import Task
+
+
+@dataclass
+class PairSet:
+    a: SequenceBatch
+    b: SequenceBatch
+    rewards_a: torch.Tensor  # (n, K)
+    rewards_b: torch.Tensor
+    a_wins: torch.Tensor  # (n, K) bool: the BT draw per objective
+    tie: torch.Tensor  # (n, K) bool
+    ref_logp_a: torch.Tensor  # (n,)
+    ref_logp_b: torch.Tensor
+
+    def save(self, path: Path) -> None:
+        torch.save(self.__dict__, path / "pairs.pt")
+
+    @classmethod
+    def load(cls, path: Path) -> PairSet:
+        return cls(**torch.load(path / "pairs.pt", weights_only=False))
+
+    def dataset(self, k: int, pad_id: int, drop_ties: bool = True) -> PreferenceDataset:
+        keep = ~self.tie[:, k] if drop_ties else torch.ones_like(self.tie[:, k])
+        idx = keep.nonzero().squeeze(-1)
+        wins = self.a_wins[idx, k]
+        prompts = self.a.prompts()
+        ra, rb = self.a.responses(), self.b.responses()
+        chosen = [ra[i] if w else rb[i] for i, w in zip(idx.tolist(), wins.tolist(), strict=True)]
+        rejected = [rb[i] if w else ra[i] for i, w in zip(idx.tolist(), wins.tolist(), strict=True)]
+        ref_c = torch.where(wins, self.ref_logp_a[idx], self.ref_logp_b[idx])
+        ref_r = torch.where(wins, self.ref_logp_b[idx], self.ref_logp_a[idx])
+        return PreferenceDataset([prompts[i] for i in idx.tolist()], chosen, rejected, ref_c, ref_r, pad_id)
+
+
+def bradley_terry_labels(
+    rewards_a: torch.Tensor, rewards_b: torch.Tensor, temperature: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_wins, tie) for every objective; with temperature 0 the oracle ranking itself."""
+    diff = rewards_a - rewards_b
+    tie = diff == 0
+    if temperature == 0:
+        return diff > 0, tie
+    p = torch.sigmoid(diff / temperature)
+    return torch.rand(p.shape, generator=generator) < p, tie
+
+
+def build_pairs(
+    ref: MixedPolicy,
+    task: Task,
+    n_prompts: int,
+    bt_temperature: float,
+    seed: int,
+    meter: CostMeter | None = None,
+    batch_size: int = 256,
+) -> PairSet:
+    tok = ref.tokenizer
+    prompts = encode_prompts(tok, task.prompts("train", n_prompts, seed))
+    a = sample(ref, prompts, task.max_new_tokens, batch_size, meter=meter, desc="sampling pairs (a)")
+    b = sample(ref, prompts, task.max_new_tokens, batch_size, meter=meter, desc="sampling pairs (b)")
+    text_prompts = decode_prompts(tok, a)
+    r_a = task.rewards(text_prompts, decode_responses(tok, a))
+    r_b = task.rewards(text_prompts, decode_responses(tok, b))
+    a_wins, tie = bradley_terry_labels(r_a, r_b, bt_temperature, torch.Generator().manual_seed(seed))
+    models, weights = ref.live
+    logp_a = score_sequences(models, weights, a, batch_size, meter)
+    logp_b = score_sequences(models, weights, b, batch_size, meter)
+    return PairSet(a, b, r_a, r_b, a_wins, tie, logp_a, logp_b)

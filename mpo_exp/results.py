@@ -1,0 +1,60 @@
+"""results.json (machine-readable) and results.md (the same numbers as a table)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def format_table(results: dict) -> str:
+    objs = results["objectives"]
+    head = (["policy"] + [f"win {o}" for o in objs] + ["min win"] + [f"z {o}" for o in objs]
+            + ["min z", "KL"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, p in results["policies"].items():
+        cells = ([name] + [f"{p['win_rate'][o]:.3f}" for o in objs] + [f"**{p['min_win_rate']:.3f}**"]
+                 + [f"{p['reward_z'][o]:+.3f}" for o in objs] + [f"{p['min_reward_z']:+.3f}", f"{p['kl']:.2f}"])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_cost(results: dict) -> str:
+    lines = ["| stage | wall s | FLOPs | tokens fwd | tokens bwd | reused |", "|---|---|---|---|---|---|"]
+    for stage, c in results["cost"].items():
+        lines.append(f"| {stage} | {c['wall_s']:.2f} | {c['flops']:.3g} | {c['tokens_fwd']} | {c['tokens_bwd']} "
+                     f"| {'yes' if c.get('reused') else ''} |")
+    return "\n".join(lines)
+
+
+def format_markdown(results: dict) -> str:
+    parts = [f"# {results['method']} — beta={results['beta']}, seed={results['seed']}", ""]
+    if results.get("lambda") is not None:
+        lam = ", ".join(f"{o}={w:.3f}" for o, w in zip(results["objectives"], results["lambda"], strict=True))
+        parts += [f"lambda: {lam}", ""]
+    parts += ["## Balanced performance (vs pi_ref on held-out prompts)", "", format_table(results), ""]
+    parts += ["## Cost", "", format_cost(results), ""]
+    summary = results.get("cost_summary", {})
+    for key, c in summary.items():
+        if c:
+            parts.append(f"- {key}: {c['wall_s']:.1f} s, {c['flops']:.3g} FLOPs, {c['tokens_fwd']} tokens fwd")
+    parts += ["", "## Example responses", ""]
+    for name, ex in results.get("examples", {}).items():
+        for prompt, response in ex:
+            parts.append(f"- {name}: `{prompt}` → `{response}`")
+    return "\n".join(parts) + "\n"
+
+
+def write_results(results: dict, output_dir: Path) -> None:
+    _atomic_write(output_dir / "results.json", json.dumps(results, indent=2))
+    _atomic_write(output_dir / "results.md", format_markdown(results))
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())

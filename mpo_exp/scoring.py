@@ -1,0 +1,77 @@
+"""Sequence log-probabilities under one model or a log-linear mixture of models.
+
+Written once and used by SFT, DPO, MPO's log-ratio scoring, KL estimates and evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mpo_exp.cost import CostMeter, n_params
+from mpo_exp.data import SequenceBatch
+
+
+def response_logits(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """Logits that predict each response token: shape (B, R, V)."""
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    p = batch.prompt_ids.shape[1]
+    r = batch.response_ids.shape[1]
+    # the logit at position t predicts token t+1: response token j is predicted at p+j-1
+    return out.logits[:, p - 1 : p + r - 1].float()
+
+
+def mixture_log_softmax(logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """log pi_lambda(.|prefix) = log_softmax(sum_k lambda_k log_softmax(logits_k)).
+
+    The token-level decoding rule of the mixed policy; one model with weight 1 is the model.
+    """
+    mixed = sum(w * F.log_softmax(lg.float(), dim=-1) for w, lg in zip(weights, logits, strict=True) if w != 0)
+    return F.log_softmax(mixed, dim=-1)
+
+
+def token_logprobs(
+    models: Sequence[torch.nn.Module], weights: Sequence[float], batch: SequenceBatch
+) -> torch.Tensor:
+    """Per-token log-probs of the response under the (mixed) policy, zero on padding: (B, R)."""
+    logits = [response_logits(m, batch) for m, w in zip(models, weights, strict=True) if w != 0]
+    live = [w for w in weights if w != 0]
+    logp = mixture_log_softmax(logits, live)
+    picked = logp.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
+    return picked * batch.response_mask
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
+    """sum_t log pi(y_t | x, y_<t) over response tokens only: (B,). Differentiable."""
+    return token_logprobs([model], [1.0], batch).sum(-1)
+
+
+@torch.no_grad()
+def score_sequences(
+    models: Sequence[torch.nn.Module],
+    weights: Sequence[float],
+    batch: SequenceBatch,
+    batch_size: int = 256,
+    meter: CostMeter | None = None,
+    desc: str | None = None,
+) -> torch.Tensor:
+    """Sequence log-probs of every row of ``batch`` under the (mixed) policy, in mini-batches."""
+    device = next(models[0].parameters()).device
+    out = []
+    starts = range(0, len(batch), batch_size)
+    for s in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+        chunk = batch[s : s + batch_size].to(device)
+        out.append(token_logprobs(models, weights, chunk).sum(-1).cpu())
+        if meter is not None:
+            for m, w in zip(models, weights, strict=True):
+                if w != 0:
+                    meter.forward(n_params(m), chunk.n_tokens)
+    return torch.cat(out) if out else torch.zeros(0)

@@ -1,0 +1,31 @@
+"""The contract every task fulfils; the pipeline sees tasks only through it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+class Task(ABC):
+    #: names of the objectives in use, in the order of every (.., K) tensor
+    objectives: list[str]
+    #: longest response any policy may generate
+    max_new_tokens: int
+
+    @abstractmethod
+    def build_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The task's own tokenizer, or None to use the model's."""
+
+    @abstractmethod
+    def prompts(self, split: str, n: int, seed: int) -> list[str]:
+        """``n`` prompt strings from ``split`` ('train' or 'eval': disjoint prompt sets)."""
+
+    @abstractmethod
+    def corpus(self, n: int, seed: int) -> list[tuple[str, str]]:
+        """(prompt, response) pairs to fine-tune the reference policy on."""
+
+    @abstractmethod
+    def rewards(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Oracle rewards, shape (n, K) in the order of :attr:`objectives`."""
