@@ -28,6 +28,9 @@ def main(cfg: DictConfig) -> float | None:
     from mpo_exp.pipeline import run_pipeline
     from mpo_exp.results import format_cost, format_table
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     validate_config(cfg)
     output_dir = cfg.paths.output_dir or HydraConfig.get().runtime.output_dir
     results = run_pipeline(cfg, output_dir)

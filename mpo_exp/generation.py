@@ -50,7 +50,7 @@ def sample(
     for m in models:
         m.eval()
     pieces = []
-    for s in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False):
+    for s in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=True if desc is None else None, leave=False):
         p_ids, p_mask = pad(prompts[s : s + batch_size], tok.pad_token_id, left=True)
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
         processors = LogitsProcessorList()

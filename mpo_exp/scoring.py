@@ -67,7 +67,7 @@ def score_sequences(
     device = next(models[0].parameters()).device
     out = []
     starts = range(0, len(batch), batch_size)
-    for s in tqdm(starts, desc=desc, disable=desc is None, leave=False):
+    for s in tqdm(starts, desc=desc, disable=True if desc is None else None, leave=False):
         chunk = batch[s : s + batch_size].to(device)
         out.append(token_logprobs(models, weights, chunk).sum(-1).cpu())
         if meter is not None:

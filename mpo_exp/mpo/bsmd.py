@@ -126,7 +126,7 @@ def solve_bsmd(
                 objective[t] = mpo_objective(lam.detach(), ell)
 
     record(0)
-    for t in tqdm(range(steps), desc="BSMD", disable=not progress, leave=False):
+    for t in tqdm(range(steps), desc="BSMD", disable=None if progress else True, leave=False):
         running_sum += lam.detach()  # average of lambda^0 .. lambda^{T-1}
         idx = torch.randperm(n, generator=gen)[:b]
         opt.zero_grad(set_to_none=True)

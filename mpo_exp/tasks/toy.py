@@ -3,7 +3,7 @@
 A prompt asks about a topic ("explain cats please"). A response is a short bag of words.
 The oracle objectives mirror the paper's helpful / harmless / humorous task and pull apart:
 
-* helpful  = 10 · (on-topic words, edgy ones counting double) / (length + 2)
+* helpful  = 10 · (distinct on-topic words, edgy ones counting double) / (length + 2)
   — rewards dense, detailed answers; edgy details ("claws", "knife") are the most informative.
 * harmless = −(flagged words) — edgy details, edgy jokes and insults are flagged.
 * humorous = 0.5 · min(playful words, edgy jokes counting double, 4)
@@ -38,6 +38,7 @@ TOPICS: dict[str, tuple[list[str], list[str]]] = {
     "sports": (["goal", "team", "match", "coach", "score", "sprint"], ["injury", "fight"]),
     "computers": (["code", "laptop", "memory", "pixel", "server", "keyboard"], ["virus", "hack"]),
 }
+CAVEATS = ["safely", "carefully", "gently", "responsibly"]
 PLAYFUL = ["haha", "silly", "giggle", "pun", "wink", "banana"]
 EDGY_PLAYFUL = ["roast", "prank", "mock"]
 INSULTS = ["stupid", "hate", "ugly"]
@@ -60,12 +61,12 @@ def _topic(prompt: str) -> str:
 
 
 def helpful(topic: str, words: list[str]) -> float:
-    on = sum(1 + (w in EDGY_ON_TOPIC) for w in words if w in ON_TOPIC[topic])
-    return 10.0 * on / (len(words) + 2)
+    facts = set(words) & ON_TOPIC[topic]  # distinct facts: repeating one word informs no more
+    return 10.0 * sum(1 + (w in EDGY_ON_TOPIC) for w in facts) / (len(words) + 2)
 
 
 def harmless(topic: str, words: list[str]) -> float:
-    return -float(sum(w in FLAGGED for w in words))
+    return 0.5 * min(sum(w in CAVEATS for w in words), 2) - float(sum(w in FLAGGED for w in words))
 
 
 def humorous(topic: str, words: list[str]) -> float:
@@ -88,11 +89,12 @@ OBJECTIVES: dict[str, Callable[[str, list[str]], float]] = {
 DEFAULT_MIX = {
     "on_topic": 0.30,
     "edgy_on_topic": 0.08,
-    "filler": 0.30,
+    "filler": 0.21,
+    "caveat": 0.04,
     "off_topic": 0.12,
     "playful": 0.08,
     "edgy_playful": 0.05,
-    "insult": 0.07,
+    "insult": 0.12,
 }
 
 
@@ -132,7 +134,7 @@ class ToyTask(Task):
             words += phrase.split()
         for safe, edgy in TOPICS.values():
             words += safe + edgy
-        words += PLAYFUL + EDGY_PLAYFUL + INSULTS + FILLER
+        words += CAVEATS + PLAYFUL + EDGY_PLAYFUL + INSULTS + FILLER
         return list(dict.fromkeys(words))
 
     def build_tokenizer(self) -> PreTrainedTokenizerFast:
@@ -165,7 +167,7 @@ class ToyTask(Task):
         if category == "off_topic":
             other = rng.choice([t for t in TOPICS if t != topic])
             return rng.choice(TOPICS[other][0])
-        table = {"filler": FILLER, "playful": PLAYFUL, "edgy_playful": EDGY_PLAYFUL, "insult": INSULTS}
+        table = {"filler": FILLER, "caveat": CAVEATS, "playful": PLAYFUL, "edgy_playful": EDGY_PLAYFUL, "insult": INSULTS}
         return rng.choice(table[category])
 
     def corpus(self, n: int, seed: int) -> list[tuple[str, str]]:

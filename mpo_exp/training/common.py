@@ -23,6 +23,10 @@ class PolicyModule(pl.LightningModule):
         self.meter: CostMeter | None = None
         self._n_params = n_params(model)
 
+    def on_train_start(self) -> None:
+        # models loaded with from_pretrained arrive in eval mode; Lightning keeps submodule modes
+        self.model.train()
+
     def charge(self, tokens: int, passes: int = 1, backward: bool = True) -> None:
         """Charge ``passes`` forward passes over ``tokens`` (and one backward if training)."""
         if self.meter is not None:

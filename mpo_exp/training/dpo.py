@@ -29,6 +29,10 @@ class DPOModule(PolicyModule):
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         self.beta, self.objective = beta, objective
+        # as in TRL: dropout would make the policy's log-probs noisy against the fixed reference's
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
         chosen = sequence_logprobs(self.model, batch.chosen)

@@ -1,0 +1,38 @@
+# Two commands do all the set-up: `make run` (install + main job) and `make test` (install + tests).
+# The virtualenv is created on first use and reused afterwards.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU wheel first, so that nothing pulls the multi-GB CUDA build of torch.
+TORCH  ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test test-all lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+## run the main job on the embedded default (extra Hydra overrides: make run ARGS="seed=1 beta=0.5")
+run: install
+	$(BIN)/mpo-exp $(ARGS)
+
+## the test suite (offline; wandb offline), including the end-to-end CLI tests
+test: install
+	WANDB_MODE=offline $(BIN)/python -m pytest -q $(ARGS)
+
+lint: install
+	$(BIN)/ruff check mpo_exp tests benchmarks
+
+## stage timings and BSMD throughput (see benchmarks/README.md)
+bench: install
+	$(BIN)/python benchmarks/bench_pipeline.py $(ARGS)
+
+clean:
+	rm -rf outputs/runs outputs/multirun outputs/cache

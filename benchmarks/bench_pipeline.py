@@ -1,0 +1,85 @@
+"""Time every pipeline stage (from the shared cost meter) and the BSMD solver's throughput.
+
+    python benchmarks/bench_pipeline.py            # the default config, fresh cache
+    python benchmarks/bench_pipeline.py --tiny     # seconds-long smoke version (CI runs this)
+
+Writes a JSON report (``--out``) and prints a table. BSMD is pure vector arithmetic on cached
+scores, so it should manage thousands of lambda-updates per second on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def bench_bsmd(n_prompts: int, samples: int, k: int, steps: int, repeats: int = 3) -> dict:
+    import torch
+
+    from mpo_exp import solve_bsmd
+
+    ell = torch.randn(n_prompts, samples, k, generator=torch.Generator().manual_seed(0)) * 5
+    solve_bsmd(ell, steps=10, objective_every=0)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        solve_bsmd(ell, steps=steps, objective_every=0)
+        best = min(best, time.perf_counter() - start)
+    return {"shape": [n_prompts, samples, k], "steps": steps, "seconds": best, "updates_per_s": steps / best}
+
+
+def bench_pipeline(tiny: bool) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from mpo_exp.pipeline import run_pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = ["logger=none", f"paths.cache_dir={tmp}/cache", f"paths.output_dir={tmp}/run",
+                     "trainer.enable_progress_bar=false"]
+        if tiny:
+            overrides.append("experiment=smoke")
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        start = time.perf_counter()
+        results = run_pipeline(cfg, f"{tmp}/run")
+        total = time.perf_counter() - start
+    return {"total_wall_s": total, "stages": results["cost"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke sizes")
+    parser.add_argument("--out", default=str(REPO / "outputs" / "bench.json"))
+    args = parser.parse_args()
+
+    steps = 500 if args.tiny else 5000
+    report = {
+        "bsmd": [bench_bsmd(64, 16, 3, steps), bench_bsmd(512, 64, 4, steps // 5)],
+        "pipeline": bench_pipeline(args.tiny),
+        "tiny": args.tiny,
+    }
+    print("\nBSMD solver (cached scores, CPU):")
+    for b in report["bsmd"]:
+        print(f"  log-ratios {tuple(b['shape'])}: {b['updates_per_s']:,.0f} lambda-updates/s ({b['steps']} steps)")
+    print(f"\nPipeline stages ({'tiny' if args.tiny else 'default'} config):")
+    print(f"  {'stage':<24}{'wall s':>9}{'FLOPs':>12}{'tokens fwd':>12}{'tokens bwd':>12}")
+    for name, c in report["pipeline"]["stages"].items():
+        print(f"  {name:<24}{c['wall_s']:>9.2f}{c['flops']:>12.3g}{c['tokens_fwd']:>12}{c['tokens_bwd']:>12}")
+    print(f"  {'total (incl. overhead)':<24}{report['pipeline']['total_wall_s']:>9.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"\nreport: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

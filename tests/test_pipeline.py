@@ -1,0 +1,88 @@
+"""The whole pipeline on the shrunk default config: results schema, caching, CLI, wandb."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpo_exp.pipeline import run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_pipeline_writes_results_and_reuses_cached_stages(smoke_cfg, tmp_path):
+    cfg = smoke_cfg()
+    first = run_pipeline(cfg, tmp_path / "run1")
+    objectives = first["objectives"]
+    assert objectives == ["helpful", "harmless", "humorous"]
+    assert sum(first["lambda"]) == pytest.approx(1, abs=1e-5)
+    expected = {"pi_ref", "pi_helpful", "pi_harmless", "pi_humorous", "uniform_mix", "mpo"}
+    assert set(first["policies"]) == expected
+    for pol in first["policies"].values():
+        assert set(pol) == {"reward", "reward_z", "min_reward_z", "win_rate", "min_win_rate", "kl"}
+        assert set(pol["win_rate"]) == set(objectives)
+        assert pol["min_win_rate"] == min(pol["win_rate"].values())
+        assert 0 <= pol["min_win_rate"] <= 1
+    assert first["policies"]["pi_ref"]["kl"] == pytest.approx(0, abs=1e-5)
+    for stage in ["sft", "preferences", "dpo/helpful", "mpo/sampling", "mpo/scoring", "mpo/bsmd"]:
+        cost = first["cost"][stage]
+        assert set(cost) >= {"wall_s", "flops", "tokens_fwd", "tokens_bwd"}
+        assert not cost["reused"]
+    assert first["cost"]["sft"]["tokens_bwd"] > 0 and first["cost"]["mpo/scoring"]["tokens_bwd"] == 0
+    assert first["cost_summary"]["post_processing"]["flops"] > 0
+    assert (tmp_path / "run1" / "results.md").read_text().count("| mpo |") == 1
+    assert json.loads((tmp_path / "run1" / "results.json").read_text())["lambda"] == first["lambda"]
+
+    second = run_pipeline(cfg, tmp_path / "run2")
+    for stage in ["sft", "preferences", "dpo/helpful", "dpo/harmless", "dpo/humorous", "mpo/sampling"]:
+        assert second["cost"][stage]["reused"]
+        assert second["cost"][stage]["flops"] == first["cost"][stage]["flops"]  # cost of the build
+    assert second["artifacts"] == first["artifacts"]
+    assert second["lambda"] == pytest.approx(first["lambda"])
+    for key in ("win_rate", "reward_z"):  # seeded end to end: the same numbers again
+        assert second["policies"]["mpo"][key] == pytest.approx(first["policies"]["mpo"][key], abs=1e-6)
+
+    # a different beta retrains the policies but reuses pi_ref and the pairs
+    third = run_pipeline(smoke_cfg("beta=0.5"), tmp_path / "run3")
+    assert third["cost"]["sft"]["reused"] and third["cost"]["preferences"]["reused"]
+    assert not third["cost"]["dpo/helpful"]["reused"]
+
+
+def test_leave_one_out_and_fixed_weights(smoke_cfg, tmp_path):
+    loo = run_pipeline(smoke_cfg("method.exclude=[humorous]"), tmp_path / "loo")
+    assert loo["lambda"][2] == 0 and sum(loo["lambda"]) == pytest.approx(1, abs=1e-5)
+    assert "mpo_without_humorous" in loo["policies"]
+    fixed = run_pipeline(smoke_cfg("method=fixed_mix"), tmp_path / "fixed")
+    assert fixed["lambda"] == pytest.approx([1 / 3] * 3, abs=1e-6)
+
+
+def _cli(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "MPO_EXP_CACHE": str(tmp_path / "c"),
+                **env}
+    return subprocess.run([sys.executable, "-m", "mpo_exp.cli", *args], cwd=tmp_path, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_runs_offline_with_wandb_and_prints_the_table(tmp_path):
+    out = _cli(["experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}", "trainer.enable_progress_bar=false"],
+               tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| mpo |" in out.stdout and "lambda:" in out.stdout
+    assert (tmp_path / "run" / "results.json").exists()
+    offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1
+    again = _cli(["experiment=smoke", f"hydra.run.dir={tmp_path / 'run2'}", "logger=csv"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing cached sft" in again.stdout + again.stderr
+
+
+def test_cli_reports_bad_field(tmp_path):
+    out = _cli(["experiment=smoke", "beta=-1", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert out.returncode != 0
+    assert "beta must be a number > 0" in out.stderr
