@@ -44,8 +44,12 @@ def bench_pipeline(tiny: bool) -> dict:
     from mpo_exp.pipeline import run_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = ["logger=none", f"paths.cache_dir={tmp}/cache", f"paths.output_dir={tmp}/run",
-                     "trainer.enable_progress_bar=false"]
+        overrides = [
+            "logger=none",
+            f"paths.cache_dir={tmp}/cache",
+            f"paths.output_dir={tmp}/run",
+            "trainer.enable_progress_bar=false",
+        ]
         if tiny:
             overrides.append("experiment=smoke")
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -57,7 +61,9 @@ def bench_pipeline(tiny: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke sizes")
     parser.add_argument("--out", default=str(REPO / "outputs" / "bench.json"))
     args = parser.parse_args()
@@ -70,7 +76,10 @@ def main() -> None:
     }
     print("\nBSMD solver (cached scores, CPU):")
     for b in report["bsmd"]:
-        print(f"  log-ratios {tuple(b['shape'])}: {b['updates_per_s']:,.0f} lambda-updates/s ({b['steps']} steps)")
+        print(
+            f"  log-ratios {tuple(b['shape'])}: {b['updates_per_s']:,.0f} lambda-updates/s "
+            f"({b['steps']} steps)"
+        )
     print(f"\nPipeline stages ({'tiny' if args.tiny else 'default'} config):")
     print(f"  {'stage':<24}{'wall s':>9}{'FLOPs':>12}{'tokens fwd':>12}{'tokens bwd':>12}")
     for name, c in report["pipeline"]["stages"].items():

@@ -24,11 +24,11 @@ def _config_dir() -> str:
 
 @hydra.main(version_base="1.3", config_path=_config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from transformers.utils import logging as hf_logging
+
     from mpo_exp.config import validate_config
     from mpo_exp.pipeline import run_pipeline
     from mpo_exp.results import format_cost, format_table
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     validate_config(cfg)
@@ -37,7 +37,9 @@ def main(cfg: DictConfig) -> float | None:
     print("\n" + format_table(results) + "\n")
     print(format_cost(results) + "\n")
     if results.get("lambda") is not None:
-        print("lambda:", dict(zip(results["objectives"], [round(x, 4) for x in results["lambda"]], strict=True)))
+        print(
+            "lambda:", dict(zip(results["objectives"], [round(x, 4) for x in results["lambda"]], strict=True))
+        )
     print(f"results: {Path(output_dir) / 'results.json'}  ({results['wall_s_this_run']:.1f} s)")
     main_policy = results["method_policies"][0] if results["method_policies"] else None
     return results["policies"][main_policy]["min_win_rate"] if main_policy else None

@@ -45,10 +45,14 @@ def _get(cfg: DictConfig, field: str):
 
 
 POSITIVE_INTS = [
-    "sft.n_examples", "sft.batch_size", "sft.max_steps",
+    "sft.n_examples",
+    "sft.batch_size",
+    "sft.max_steps",
     "preferences.n_prompts",
-    "dpo.batch_size", "dpo.max_steps",
-    "eval.n_prompts", "inference_batch_size",
+    "dpo.batch_size",
+    "dpo.max_steps",
+    "eval.n_prompts",
+    "inference_batch_size",
 ]
 POSITIVE_FLOATS = ["beta", "dpo.module.beta", "sft.module.lr", "dpo.module.lr", "eval.temperature"]
 

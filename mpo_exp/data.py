@@ -81,7 +81,9 @@ def pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.T
     return ids, mask
 
 
-def collate(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> SequenceBatch:
+def collate(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+) -> SequenceBatch:
     p_ids, p_mask = pad(prompts, pad_id, left=True)
     r_ids, r_mask = pad(responses, pad_id, left=False)
     return SequenceBatch(p_ids, p_mask, r_ids, r_mask)

@@ -67,9 +67,17 @@ class Evaluator:
         self.prompts = encode_prompts(ref.tokenizer, task.prompts("eval", n_prompts, seed))
         self.baseline: torch.Tensor | None = None
 
-    def _sample(self, policy: MixedPolicy, meter: CostMeter | None) -> SequenceBatch:
+    def _sample(self, policy: MixedPolicy, meter: CostMeter | None, stream: int) -> SequenceBatch:
+        # every policy samples with the same random stream (common random numbers), so
+        # differences between policies are not drowned in sampling noise
+        torch.manual_seed(self.seed * 7919 + stream)
         return sample(
-            policy, self.prompts, self.task.max_new_tokens, self.batch_size, self.temperature, meter,
+            policy,
+            self.prompts,
+            self.task.max_new_tokens,
+            self.batch_size,
+            self.temperature,
+            meter,
             desc=f"eval: sampling {policy.name}",
         )
 
@@ -81,12 +89,11 @@ class Evaluator:
     def reference_rewards(self, meter: CostMeter | None = None) -> torch.Tensor:
         """pi_ref's responses that every policy is compared against (drawn once)."""
         if self.baseline is None:
-            torch.manual_seed(self.seed)
-            self.baseline = self._rewards(self._sample(self.ref, meter))[0]
+            self.baseline = self._rewards(self._sample(self.ref, meter, stream=0))[0]
         return self.baseline
 
     def evaluate(self, policy: MixedPolicy, meter: CostMeter | None = None) -> PolicyEval:
-        batch = self._sample(policy, meter)
+        batch = self._sample(policy, meter, stream=1)
         rewards, prompts, responses = self._rewards(batch)
         logp = score_sequences(*policy.live, batch, self.batch_size, meter)
         logp_ref = score_sequences(*self.ref.live, batch, self.batch_size, meter)

@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessorList
 
 from mpo_exp.cost import CostMeter, n_params
-from mpo_exp.data import SequenceBatch, collate, pad
+from mpo_exp.data import SequenceBatch, pad
 from mpo_exp.mpo.mixing import MixedPolicy, MixtureLogitsProcessor
 
 
@@ -50,7 +50,9 @@ def sample(
     for m in models:
         m.eval()
     pieces = []
-    for s in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=True if desc is None else None, leave=False):
+    for s in tqdm(
+        range(0, len(prompts), batch_size), desc=desc, disable=True if desc is None else None, leave=False
+    ):
         p_ids, p_mask = pad(prompts[s : s + batch_size], tok.pad_token_id, left=True)
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
         processors = LogitsProcessorList()
@@ -61,7 +63,9 @@ def sample(
         )
         r_ids = out[:, p_ids.shape[1] :].cpu()
         r_mask = response_mask_until_eos(r_ids, tok.eos_token_id)
-        batch = SequenceBatch(p_ids.cpu(), p_mask.cpu(), r_ids.masked_fill(r_mask == 0, tok.pad_token_id), r_mask)
+        batch = SequenceBatch(
+            p_ids.cpu(), p_mask.cpu(), r_ids.masked_fill(r_mask == 0, tok.pad_token_id), r_mask
+        )
         pieces.append(batch)
         if meter is not None:
             for m in models:
@@ -75,6 +79,3 @@ def decode_responses(tokenizer, batch: SequenceBatch) -> list[str]:
 
 def decode_prompts(tokenizer, batch: SequenceBatch) -> list[str]:
     return tokenizer.batch_decode(batch.prompts(), skip_special_tokens=False)
-
-
-__all__ = ["collate", "decode_prompts", "decode_responses", "encode_prompts", "response_mask_until_eos", "sample"]

@@ -13,10 +13,10 @@ from functools import cached_property
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mpo_exp import tracking
 from mpo_exp.artifacts import Artifact, ArtifactStore
 from mpo_exp.config import build_method, build_task
 from mpo_exp.cost import CostMeter, StageCost
@@ -28,7 +28,6 @@ from mpo_exp.mpo.mixing import MixedPolicy
 from mpo_exp.policies import Policy, load_policy, save_policy
 from mpo_exp.preferences import PairSet, build_pairs
 from mpo_exp.results import write_results
-from mpo_exp import tracking
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,12 @@ class RunContext:
         tracking.log_metrics(self.logger, metrics)
 
     def cached_stage(
-        self, name: str, kind: str, spec: dict, build: Callable[[Path], None], stages: tuple[str, ...] | None = None
+        self,
+        name: str,
+        kind: str,
+        spec: dict,
+        build: Callable[[Path], None],
+        stages: tuple[str, ...] | None = None,
     ) -> Artifact:
         """Build (or reuse) an artifact; its cost is charged to ``stages`` (default: ``name``).
 
@@ -88,21 +92,33 @@ class RunContext:
         from mpo_exp.training.common import fit
 
         module = instantiate(module_cfg)(model=model, **(extra or {}))
-        fit(module, dataset, collate, self._trainer, int(stage_cfg.batch_size), int(stage_cfg.max_steps),
-            self.meter, self.logger, seed=self.seed)
+        fit(
+            module,
+            dataset,
+            collate,
+            self._trainer,
+            int(stage_cfg.batch_size),
+            int(stage_cfg.max_steps),
+            self.meter,
+            self.logger,
+            seed=self.seed,
+        )
 
     # ---- shared stages ---------------------------------------------------------------------
     @cached_property
     def tokenizer(self):
         return self.task.build_tokenizer()
 
-    def reference(self) -> MixedPolicy:
-        return self._reference
-
     @cached_property
-    def _reference(self) -> MixedPolicy:
+    def reference(self) -> MixedPolicy:
+        """pi_ref: the SFT model, as a one-model mixed policy."""
         cfg = self.cfg
-        spec = {"task": _plain(cfg.task), "model": _plain(cfg.model), "sft": _plain(cfg.sft), "seed": self.seed}
+        spec = {
+            "task": _plain(cfg.task),
+            "model": _plain(cfg.model),
+            "sft": _plain(cfg.sft),
+            "seed": self.seed,
+        }
 
         def build(tmp: Path) -> None:
             self.reseed(1)
@@ -118,39 +134,56 @@ class RunContext:
         art = self.cached_stage("sft", "sft", spec, build)
         return MixedPolicy.single(load_policy(art.path, name="pi_ref").eval(), name="pi_ref")
 
-    def pairs(self) -> PairSet:
-        return self._pairs
-
     @cached_property
-    def _pairs(self) -> PairSet:
-        ref = self.reference()
+    def pairs(self) -> PairSet:
+        """Two pi_ref samples per training prompt, labelled per objective."""
+        ref = self.reference
         cfg = self.cfg.preferences
-        spec = {"ref": self.keys["sft"], "task": _plain(self.cfg.task), "preferences": _plain(cfg), "seed": self.seed}
+        spec = {
+            "ref": self.keys["sft"],
+            "task": _plain(self.cfg.task),
+            "preferences": _plain(cfg),
+            "seed": self.seed,
+        }
 
         def build(tmp: Path) -> None:
             self.reseed(2)
-            build_pairs(ref, self.task, int(cfg.n_prompts), float(cfg.bt_temperature), self.seed, self.meter,
-                        self.batch_size).save(tmp)
+            build_pairs(
+                ref,
+                self.task,
+                int(cfg.n_prompts),
+                float(cfg.bt_temperature),
+                self.seed,
+                self.meter,
+                self.batch_size,
+            ).save(tmp)
 
         art = self.cached_stage("preferences", "pairs", spec, build)
         pairs = PairSet.load(art.path)
         informative = (~pairs.tie).float().mean(0).tolist()
-        log.info("preference pairs: %d prompts; non-tied share per objective %s", len(pairs.a),
-                 dict(zip(self.task.objectives, [round(x, 3) for x in informative], strict=True)))
+        log.info(
+            "preference pairs: %d prompts; non-tied share per objective %s",
+            len(pairs.a),
+            dict(zip(self.task.objectives, [round(x, 3) for x in informative], strict=True)),
+        )
         return pairs
 
-    def single_objective_policies(self) -> dict[str, Policy]:
-        return self._singles
-
     @cached_property
-    def _singles(self) -> dict[str, Policy]:
-        ref = self.reference()
-        pairs = self.pairs()
+    def single_objective_policies(self) -> dict[str, Policy]:
+        """pi_k for every objective: DPO from pi_ref with the shared beta."""
+        ref = self.reference
+        pairs = self.pairs
         cfg = self.cfg.dpo
         out: dict[str, Policy] = {}
         for k, objective in enumerate(self.task.objectives):
-            spec = {"ref": self.keys["sft"], "pairs": self.keys["preferences"], "objective": objective,
-                    "beta": self.beta, "dpo": _plain(cfg), "seed": self.seed}
+            spec = {
+                "ref": self.keys["sft"],
+                "pairs": self.keys["preferences"],
+                "objective": objective,
+                "beta": self.beta,
+                "dpo": _plain(cfg),
+                "seed": self.seed,
+            }
 
             def build(tmp: Path, k: int = k, objective: str = objective) -> None:
                 self.reseed(10 + k)
@@ -174,15 +207,22 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict:
     logger = tracking.build_logger(cfg, method.name, output_dir)
     try:
         ctx = RunContext(cfg, output_dir, logger)
-        ref = ctx.reference()
-        singles = ctx.single_objective_policies()
+        ref = ctx.reference
+        singles = ctx.single_objective_policies
         out = method.run(ctx)
 
         uniform = MixedPolicy("uniform_mix", list(singles.values()), [1.0 / len(singles)] * len(singles))
         candidates = [ref, *(MixedPolicy.single(p) for p in singles.values()), uniform, *out.policies]
         ctx.reseed(100)
-        ev = Evaluator(ctx.task, ref, int(cfg.eval.n_prompts), ctx.seed + 2, ctx.batch_size,
-                       float(cfg.eval.temperature), int(cfg.eval.n_examples))
+        ev = Evaluator(
+            ctx.task,
+            ref,
+            int(cfg.eval.n_prompts),
+            ctx.seed + 2,
+            ctx.batch_size,
+            float(cfg.eval.temperature),
+            int(cfg.eval.n_examples),
+        )
         with ctx.meter.stage("eval/pi_ref_baseline"):
             baseline = ev.reference_rewards(ctx.meter)
         policies, examples = {}, {}

@@ -15,12 +15,16 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def format_table(results: dict) -> str:
     objs = results["objectives"]
-    head = (["policy"] + [f"win {o}" for o in objs] + ["min win"] + [f"z {o}" for o in objs]
-            + ["min z", "KL"])
+    head = ["policy"] + [f"win {o}" for o in objs] + ["min win"] + [f"z {o}" for o in objs] + ["min z", "KL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, p in results["policies"].items():
-        cells = ([name] + [f"{p['win_rate'][o]:.3f}" for o in objs] + [f"**{p['min_win_rate']:.3f}**"]
-                 + [f"{p['reward_z'][o]:+.3f}" for o in objs] + [f"{p['min_reward_z']:+.3f}", f"{p['kl']:.2f}"])
+        cells = (
+            [name]
+            + [f"{p['win_rate'][o]:.3f}" for o in objs]
+            + [f"**{p['min_win_rate']:.3f}**"]
+            + [f"{p['reward_z'][o]:+.3f}" for o in objs]
+            + [f"{p['min_reward_z']:+.3f}", f"{p['kl']:.2f}"]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -28,8 +32,10 @@ def format_table(results: dict) -> str:
 def format_cost(results: dict) -> str:
     lines = ["| stage | wall s | FLOPs | tokens fwd | tokens bwd | reused |", "|---|---|---|---|---|---|"]
     for stage, c in results["cost"].items():
-        lines.append(f"| {stage} | {c['wall_s']:.2f} | {c['flops']:.3g} | {c['tokens_fwd']} | {c['tokens_bwd']} "
-                     f"| {'yes' if c.get('reused') else ''} |")
+        lines.append(
+            f"| {stage} | {c['wall_s']:.2f} | {c['flops']:.3g} | {c['tokens_fwd']} | {c['tokens_bwd']} "
+            f"| {'yes' if c.get('reused') else ''} |"
+        )
     return "\n".join(lines)
 
 
@@ -43,7 +49,9 @@ def format_markdown(results: dict) -> str:
     summary = results.get("cost_summary", {})
     for key, c in summary.items():
         if c:
-            parts.append(f"- {key}: {c['wall_s']:.1f} s, {c['flops']:.3g} FLOPs, {c['tokens_fwd']} tokens fwd")
+            parts.append(
+                f"- {key}: {c['wall_s']:.1f} s, {c['flops']:.3g} FLOPs, {c['tokens_fwd']} tokens fwd"
+            )
     parts += ["", "## Example responses", ""]
     for name, ex in results.get("examples", {}).items():
         for prompt, response in ex:

@@ -34,7 +34,9 @@ def mixture_log_softmax(logits: Sequence[torch.Tensor], weights: Sequence[float]
 
     The token-level decoding rule of the mixed policy; one model with weight 1 is the model.
     """
-    mixed = sum(w * F.log_softmax(lg.float(), dim=-1) for w, lg in zip(weights, logits, strict=True) if w != 0)
+    mixed = sum(
+        w * F.log_softmax(lg.float(), dim=-1) for w, lg in zip(weights, logits, strict=True) if w != 0
+    )
     return F.log_softmax(mixed, dim=-1)
 
 

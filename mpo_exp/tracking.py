@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 
 log = logging.getLogger(__name__)
@@ -22,16 +22,21 @@ def build_logger(cfg: DictConfig, method: str, output_dir: Path) -> Logger | Non
             "tags": [f"method:{method}", f"beta:{cfg.beta}", f"seed:{cfg.seed}", *cfg.logger.get("tags", [])],
             "save_dir": str(output_dir),
         }
-        if not cfg.logger.get("group"):
-            kwargs["group"] = output_dir.parent.name if output_dir.parent.name else None
+        if not cfg.logger.get("group") and _in_multirun():
+            kwargs["group"] = output_dir.parent.name  # the sweep directory: one group per sweep
     else:
         kwargs = {"save_dir": str(output_dir)}
     logger = instantiate(cfg.logger, **kwargs)
     if isinstance(logger, WandbLogger):
-        from omegaconf import OmegaConf
-
         logger.experiment.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
     return logger
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def log_metrics(logger: Logger | None, metrics: dict, step: int | None = None) -> None:
@@ -58,10 +63,25 @@ def log_results(logger: Logger | None, results: dict) -> None:
     logger.log_metrics(flat)
     if isinstance(logger, WandbLogger):
         objs = results["objectives"]
-        columns = ["policy", *[f"win_{o}" for o in objs], "min_win_rate", *[f"z_{o}" for o in objs],
-                   "min_reward_z", "kl"]
-        rows = [[name, *[p["win_rate"][o] for o in objs], p["min_win_rate"], *[p["reward_z"][o] for o in objs],
-                 p["min_reward_z"], p["kl"]] for name, p in results["policies"].items()]
+        columns = [
+            "policy",
+            *[f"win_{o}" for o in objs],
+            "min_win_rate",
+            *[f"z_{o}" for o in objs],
+            "min_reward_z",
+            "kl",
+        ]
+        rows = [
+            [
+                name,
+                *[p["win_rate"][o] for o in objs],
+                p["min_win_rate"],
+                *[p["reward_z"][o] for o in objs],
+                p["min_reward_z"],
+                p["kl"],
+            ]
+            for name, p in results["policies"].items()
+        ]
         logger.log_table("results", columns=columns, data=rows)
         if results.get("lambda") is not None:
             logger.experiment.summary["lambda"] = dict(zip(objs, results["lambda"], strict=True))

@@ -29,14 +29,16 @@ def smoke_cfg(tmp_path):
     """The real default config, shrunk to a seconds-long run writing into tmp_path."""
 
     def make(*extra: str):
-        return compose_config([
-            "experiment=smoke",
-            "logger=none",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-            f"paths.output_dir={tmp_path / 'run'}",
-            "trainer.enable_progress_bar=false",
-            *extra,
-        ])
+        return compose_config(
+            [
+                "experiment=smoke",
+                "logger=none",
+                f"paths.cache_dir={tmp_path / 'cache'}",
+                f"paths.output_dir={tmp_path / 'run'}",
+                "trainer.enable_progress_bar=false",
+                *extra,
+            ]
+        )
 
     return make
 

@@ -31,8 +31,15 @@ def exact_minimiser(ref, ell):
     k = ell.shape[-1]
     best = None
     for start in np.eye(k) * 0.8 + 0.2 / k:  # several starts: F is convex, this guards SLSQP
-        res = minimize(exact_f, start, args=(ref, ell), method="SLSQP", bounds=[(0, 1)] * k,
-                       constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1}], options={"ftol": 1e-12})
+        res = minimize(
+            exact_f,
+            start,
+            args=(ref, ell),
+            method="SLSQP",
+            bounds=[(0, 1)] * k,
+            constraints=[{"type": "eq", "fun": lambda x: x.sum() - 1}],
+            options={"ftol": 1e-12},
+        )
         if best is None or res.fun < best.fun:
             best = res
     return best.x, best.fun
@@ -66,8 +73,13 @@ def test_small_m_is_biased_large_m_is_not():
     lam = torch.as_tensor(lam_star)
 
     def bias(m: int, seeds: int) -> float:
-        return sum(f_star - float(mpo_objective(lam, sample_log_ratios(ref, ell, m, seed=s)))
-                   for s in range(seeds)) / seeds
+        return (
+            sum(
+                f_star - float(mpo_objective(lam, sample_log_ratios(ref, ell, m, seed=s)))
+                for s in range(seeds)
+            )
+            / seeds
+        )
 
     assert bias(4, seeds=50) > 0.02
     assert abs(bias(5000, seeds=20)) < 2e-3

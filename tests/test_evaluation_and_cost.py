@@ -27,7 +27,9 @@ def test_summary_reports_minimum_over_objectives():
     ev = PolicyEval(rewards=torch.tensor([[2.0, 0.0], [2.0, 0.0], [2.0, 1.0]]), kl=0.3, examples=[])
     s = ev.summary(["a", "b"], base)
     assert s["min_win_rate"] == pytest.approx(min(s["win_rate"].values()))
-    assert s["min_reward_z"] == pytest.approx(s["reward_z"]["b"]) and s["reward_z"]["b"] < 0 < s["reward_z"]["a"]
+    assert (
+        s["min_reward_z"] == pytest.approx(s["reward_z"]["b"]) and s["reward_z"]["b"] < 0 < s["reward_z"]["a"]
+    )
     assert s["kl"] == 0.3
 
 

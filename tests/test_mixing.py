@@ -70,7 +70,9 @@ def test_scoring_agrees_with_decoding(tiny_policies, prompts):
         p = batch.prompt_ids.shape[1]
         for j in range(batch.response_ids.shape[1]):
             logits = [full_next_token_logits(m, ids[:, : p + j], mask[:, : p + j]) for m in models]
-            step = mixture_log_softmax(logits, weights).gather(-1, batch.response_ids[:, j : j + 1]).squeeze(-1)
+            step = (
+                mixture_log_softmax(logits, weights).gather(-1, batch.response_ids[:, j : j + 1]).squeeze(-1)
+            )
             torch.testing.assert_close(scored[:, j], step * batch.response_mask[:, j], atol=1e-4, rtol=0)
 
 
@@ -93,12 +95,14 @@ def test_weights_must_be_on_the_simplex(tiny_policies):
 
 
 def test_policies_with_different_tokenizers_are_rejected(tiny_policies):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "<eos>": 1, "<pad>": 2, "a": 3}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    other = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>"
+    )
     stranger = type(tiny_policies[0])("stranger", tiny_policies[0].model, other)
     with pytest.raises(ValueError, match="different tokenizers"):
         MixedPolicy("bad", [tiny_policies[0], stranger], [0.5, 0.5])

@@ -62,16 +62,29 @@ def test_leave_one_out_and_fixed_weights(smoke_cfg, tmp_path):
 
 
 def _cli(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "MPO_EXP_CACHE": str(tmp_path / "c"),
-                **env}
-    return subprocess.run([sys.executable, "-m", "mpo_exp.cli", *args], cwd=tmp_path, env=full_env,
-                          capture_output=True, text=True, timeout=300)
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "MPO_EXP_CACHE": str(tmp_path / "c"),
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "mpo_exp.cli", *args],
+        cwd=tmp_path,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
 def test_cli_runs_offline_with_wandb_and_prints_the_table(tmp_path):
-    out = _cli(["experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}", "trainer.enable_progress_bar=false"],
-               tmp_path)
+    out = _cli(
+        ["experiment=smoke", f"hydra.run.dir={tmp_path / 'run'}", "trainer.enable_progress_bar=false"],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "| mpo |" in out.stdout and "lambda:" in out.stdout
     assert (tmp_path / "run" / "results.json").exists()

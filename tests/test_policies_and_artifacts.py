@@ -93,7 +93,9 @@ def _build_in_process(root: str, out: str) -> None:
 def test_concurrent_jobs_build_an_artifact_once(tmp_path):
     log = tmp_path / "builds.log"
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_build_in_process, args=(str(tmp_path / "store"), str(log))) for _ in range(3)]
+    procs = [
+        ctx.Process(target=_build_in_process, args=(str(tmp_path / "store"), str(log))) for _ in range(3)
+    ]
     for p in procs:
         p.start()
     for p in procs:

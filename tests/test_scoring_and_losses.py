@@ -51,8 +51,9 @@ def test_padding_tokens_do_not_change_scores(tiny_policies):
     alone = collate([[8, 16, 4]], [[40, 3]], pad_id=0)
     padded = collate([[8, 16, 4], [9, 10, 11, 12, 13, 4]], [[40, 3], [1, 2, 3, 4, 5, 6]], pad_id=0)
     with torch.no_grad():
-        assert float(sequence_logprobs(model, alone)[0]) == pytest.approx(float(sequence_logprobs(model, padded)[0]),
-                                                                        abs=1e-4)
+        assert float(sequence_logprobs(model, alone)[0]) == pytest.approx(
+            float(sequence_logprobs(model, padded)[0]), abs=1e-4
+        )
 
 
 def test_sft_loss_is_mean_nll_of_response_tokens_only(tiny_policies):
@@ -86,7 +87,9 @@ def test_dpo_gradient_raises_chosen_and_lowers_rejected(tiny_policies):
         ref_c, ref_r = sequence_logprobs(model, chosen), sequence_logprobs(model, rejected)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(5):
-        loss, _ = dpo_loss(sequence_logprobs(model, chosen), sequence_logprobs(model, rejected), ref_c, ref_r, 0.1)
+        loss, _ = dpo_loss(
+            sequence_logprobs(model, chosen), sequence_logprobs(model, rejected), ref_c, ref_r, 0.1
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -10,7 +10,7 @@ from mpo_exp.tasks.toy import ToyTask, harmless, helpful, humorous
 
 
 def test_objectives_by_hand():
-    words = "whiskers claws haha roast the".split()
+    words = ["whiskers", "claws", "haha", "roast", "the"]
     # on-topic: whiskers (1) + claws (edgy, 2) = 3 -> 10 * 3 / (5 + 2)
     assert helpful("cats", words) == pytest.approx(30 / 7)
     assert helpful("cats", ["purr"] * 3) == pytest.approx(10 / 5)  # repetition adds nothing

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def score_log_ratios(ctx: RunContext, n_prompts: int, samples_per_prompt: int) -> torch.Tensor:
     """l[x, j, k] = log pi_k(y_j|x) - log pi_ref(y_j|x) for y_j ~ pi_ref: K+1 scoring passes, cached."""
-    ref, singles = ctx.reference(), ctx.single_objective_policies()
+    ref, singles = ctx.reference, ctx.single_objective_policies
     spec = {
         "ref": ctx.keys["sft"],
         "policies": {k: ctx.keys[f"dpo/{k}"] for k in singles},
@@ -37,12 +37,23 @@ def score_log_ratios(ctx: RunContext, n_prompts: int, samples_per_prompt: int) -
         prompts = ctx.task.prompts("train", n_prompts, ctx.seed + 1)
         ids = [p for p in encode_prompts(ref.tokenizer, prompts) for _ in range(samples_per_prompt)]
         with ctx.meter.stage("mpo/sampling"):
-            batch = sample(ref, ids, ctx.task.max_new_tokens, ctx.batch_size, meter=ctx.meter,
-                           desc="MPO: sampling from pi_ref")
+            batch = sample(
+                ref,
+                ids,
+                ctx.task.max_new_tokens,
+                ctx.batch_size,
+                meter=ctx.meter,
+                desc="MPO: sampling from pi_ref",
+            )
         with ctx.meter.stage("mpo/scoring"):
-            logp_ref = score_sequences(*ref.live, batch, ctx.batch_size, ctx.meter, desc="MPO: scoring pi_ref")
+            logp_ref = score_sequences(
+                *ref.live, batch, ctx.batch_size, ctx.meter, desc="MPO: scoring pi_ref"
+            )
             cols = [
-                score_sequences([pi.model], [1.0], batch, ctx.batch_size, ctx.meter, desc=f"MPO: scoring {name}") - logp_ref
+                score_sequences(
+                    [pi.model], [1.0], batch, ctx.batch_size, ctx.meter, desc=f"MPO: scoring {name}"
+                )
+                - logp_ref
                 for name, pi in singles.items()
             ]
         ell = torch.stack(cols, dim=-1).reshape(n_prompts, samples_per_prompt, len(cols))
@@ -65,8 +76,13 @@ class MPOMethod(Method):
         exclude: list[str] | tuple[str, ...] = (),
         log_every: int = 10,
     ) -> None:
-        for field, value in [("n_prompts", n_prompts), ("samples_per_prompt", samples_per_prompt),
-                             ("steps", steps), ("batch_prompts", batch_prompts), ("log_every", log_every)]:
+        for field, value in [
+            ("n_prompts", n_prompts),
+            ("samples_per_prompt", samples_per_prompt),
+            ("steps", steps),
+            ("batch_prompts", batch_prompts),
+            ("log_every", log_every),
+        ]:
             if int(value) < 1:
                 raise ValueError(f"method.{field} must be >= 1, got {value}")
         if not lr_scale > 0:
@@ -83,18 +99,29 @@ class MPOMethod(Method):
             raise ValueError(f"method.exclude leaves no policy to mix (objectives: {objectives})")
 
     def run(self, ctx: RunContext) -> MethodOutput:
-        singles = ctx.single_objective_policies()
+        singles = ctx.single_objective_policies
         ell = score_log_ratios(ctx, self.n_prompts, self.samples_per_prompt)
         names = list(singles)
         keep = [i for i, n in enumerate(names) if n not in self.exclude]
         with ctx.meter.stage("mpo/bsmd"):
-            res = solve_bsmd(ell[..., keep], self.steps, self.lr_scale, self.batch_prompts, seed=ctx.seed,
-                             objective_every=self.log_every, progress=True)
+            res = solve_bsmd(
+                ell[..., keep],
+                self.steps,
+                self.lr_scale,
+                self.batch_prompts,
+                seed=ctx.seed,
+                objective_every=self.log_every,
+                progress=True,
+            )
         lam = torch.zeros(len(names))
         lam[keep] = res.weights
         weights = dict(zip(names, lam.tolist(), strict=True))
-        log.info("MPO lambda = %s  (F = %.4f, eta = %.4f)",
-                 {k: round(v, 4) for k, v in weights.items()}, res.final_objective, res.lr)
+        log.info(
+            "MPO lambda = %s  (F = %.4f, eta = %.4f)",
+            {k: round(v, 4) for k, v in weights.items()},
+            res.final_objective,
+            res.lr,
+        )
         for t in range(0, self.steps + 1, self.log_every):
             metrics = {f"mpo/lambda_{names[i]}": float(res.trajectory[t, j]) for j, i in enumerate(keep)}
             metrics["mpo/F"] = float(res.objective[t])
@@ -107,14 +134,16 @@ class MPOMethod(Method):
             policies=[policy],
             weights=weights,
             own_stages=("mpo/",),
-            extras={"bsmd": {
-                "objectives": [names[i] for i in keep],
-                "step": list(range(0, self.steps + 1))[every],
-                "trajectory": res.trajectory[every].tolist(),
-                "objective": res.objective[every].tolist(),
-                "final_F": res.final_objective,
-                "lr": res.lr,
-            }},
+            extras={
+                "bsmd": {
+                    "objectives": [names[i] for i in keep],
+                    "step": list(range(0, self.steps + 1))[every],
+                    "trajectory": res.trajectory[every].tolist(),
+                    "objective": res.objective[every].tolist(),
+                    "final_F": res.final_objective,
+                    "lr": res.lr,
+                }
+            },
         )
 
 
@@ -133,8 +162,10 @@ class FixedMixMethod(Method):
         check_simplex(list(self.weights.values()), field="method.weights")
 
     def run(self, ctx: RunContext) -> MethodOutput:
-        singles = ctx.single_objective_policies()
+        singles = ctx.single_objective_policies
         w = [self.weights.get(n, 0.0) for n in singles]
         label = "_".join(f"{v:.2f}" for v in w)
-        return MethodOutput([MixedPolicy(f"fixed_mix_{label}", list(singles.values()), w)],
-                            weights=dict(zip(singles, w, strict=True)))
+        return MethodOutput(
+            [MixedPolicy(f"fixed_mix_{label}", list(singles.values()), w)],
+            weights=dict(zip(singles, w, strict=True)),
+        )

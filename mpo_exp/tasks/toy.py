@@ -116,7 +116,8 @@ class ToyTask(Task):
             raise ValueError(f"task.objectives must be non-empty and distinct, got {objectives}")
         if not 1 <= min_len <= max_len < max_new_tokens:
             raise ValueError(
-                f"task: need 1 <= min_len <= max_len < max_new_tokens, got {min_len}, {max_len}, {max_new_tokens}"
+                "task: need 1 <= min_len <= max_len < max_new_tokens, "
+                f"got {min_len}, {max_len}, {max_new_tokens}"
             )
         self.objectives = objectives
         self.min_len, self.max_len, self.max_new_tokens = min_len, max_len, max_new_tokens
@@ -167,7 +168,13 @@ class ToyTask(Task):
         if category == "off_topic":
             other = rng.choice([t for t in TOPICS if t != topic])
             return rng.choice(TOPICS[other][0])
-        table = {"filler": FILLER, "caveat": CAVEATS, "playful": PLAYFUL, "edgy_playful": EDGY_PLAYFUL, "insult": INSULTS}
+        table = {
+            "filler": FILLER,
+            "caveat": CAVEATS,
+            "playful": PLAYFUL,
+            "edgy_playful": EDGY_PLAYFUL,
+            "insult": INSULTS,
+        }
         return rng.choice(table[category])
 
     def corpus(self, n: int, seed: int) -> list[tuple[str, str]]:

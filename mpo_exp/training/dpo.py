@@ -23,8 +23,15 @@ def dpo_loss(
 
 
 class DPOModule(PolicyModule):
-    def __init__(self, model: torch.nn.Module, beta: float, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0,
-                 objective: str = "objective"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        beta: float,
+        lr: float,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        objective: str = "objective",
+    ):
         super().__init__(model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps)
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
