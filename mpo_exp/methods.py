@@ -23,6 +23,8 @@ class MethodOutput:
     weights: dict[str, float] | None = None
     #: cost-meter stage prefixes that are this method's own work beyond the shared stages
     own_stages: tuple[str, ...] = ()
+    #: stage prefixes of the method's whole cost beyond pi_ref (default: preferences, DPO and own)
+    total_stages: tuple[str, ...] | None = None
     extras: dict = field(default_factory=dict)
 
 

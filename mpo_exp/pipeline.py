@@ -48,6 +48,7 @@ class RunContext:
         self.logger = logger
         self.batch_size: int = int(cfg.inference_batch_size)
         self.keys: dict[str, str] = {}
+        self.memo: dict[str, object] = {}  # stages added by methods (e.g. reward models) memoise here
         self._trainer = instantiate(cfg.trainer)
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -88,21 +89,17 @@ class RunContext:
                 self.meter.record(s, StageCost(**{**c, "reused": True}))
         return art
 
-    def _fit(self, module_cfg, model, dataset, collate, stage_cfg, extra: dict | None = None) -> None:
+    def plain(self, node) -> dict:
+        """A config node as a plain dict: the spec that keys an artifact."""
+        return _plain(node)
+
+    def fit(self, module, dataset, collate, stage_cfg, max_steps: int | None = None) -> None:
+        """Train a Lightning module with the run's trainer, logger, meter and seed."""
         from mpo_exp.training.common import fit
 
-        module = instantiate(module_cfg)(model=model, **(extra or {}))
-        fit(
-            module,
-            dataset,
-            collate,
-            self._trainer,
-            int(stage_cfg.batch_size),
-            int(stage_cfg.max_steps),
-            self.meter,
-            self.logger,
-            seed=self.seed,
-        )
+        steps = int(stage_cfg.max_steps) if max_steps is None else max_steps
+        fit(module, dataset, collate, self._trainer, int(stage_cfg.batch_size), steps, self.meter, self.logger,
+            seed=self.seed)
 
     # ---- shared stages ---------------------------------------------------------------------
     @cached_property
@@ -128,7 +125,7 @@ class RunContext:
             prompts = encode_prompts(tok, [p for p, _ in corpus])
             responses = [ids + [tok.eos_token_id] for ids in encode_prompts(tok, [r for _, r in corpus])]
             data = SequenceDataset(prompts, responses, tok.pad_token_id)
-            self._fit(cfg.sft.module, policy.model, data, data.collate, cfg.sft)
+            self.fit(instantiate(cfg.sft.module)(model=policy.model), data, data.collate, cfg.sft)
             save_policy(policy, tmp)
 
         art = self.cached_stage("sft", "sft", spec, build)
@@ -190,7 +187,8 @@ class RunContext:
                 policy = load_policy(self.store.path("sft", self.keys["sft"]), name=objective)
                 data = pairs.dataset(k, ref.tokenizer.pad_token_id, drop_ties=bool(cfg.drop_ties))
                 log.info("DPO for '%s' on %d pairs (beta=%s)", objective, len(data), self.beta)
-                self._fit(cfg.module, policy.model, data, data.collate, cfg, extra={"objective": objective})
+                module = instantiate(cfg.module)(model=policy.model, objective=objective)
+                self.fit(module, data, data.collate, cfg)
                 save_policy(policy, tmp)
 
             art = self.cached_stage(f"dpo/{objective}", "dpo", spec, build)
@@ -243,7 +241,7 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict:
             "cost": ctx.meter.as_dict(),
             "cost_summary": {
                 "post_processing": ctx.meter.total(out.own_stages).as_dict() if out.own_stages else None,
-                "total": ctx.meter.total(("preferences", "dpo/", *out.own_stages)).as_dict(),
+                "total": ctx.meter.total(out.total_stages or ("preferences", "dpo/", *out.own_stages)).as_dict(),
             },
             "artifacts": dict(ctx.keys),
             "examples": examples,

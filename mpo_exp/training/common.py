@@ -43,7 +43,7 @@ class PolicyModule(pl.LightningModule):
 
 
 def fit(
-    module: PolicyModule,
+    module: pl.LightningModule,
     dataset: Dataset,
     collate: Callable,
     trainer_factory: Callable[..., pl.Trainer],
@@ -64,4 +64,4 @@ def fit(
     )
     trainer = trainer_factory(max_steps=max_steps, max_epochs=-1, logger=logger if logger else False)
     trainer.fit(module, train_dataloaders=loader)
-    module.model.eval()
+    module.eval()

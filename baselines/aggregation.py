@@ -1,0 +1,91 @@
+"""How K reward-model scores become the one scalar that RL maximises.
+
+Scores are first normalised per objective (``normalization``): ``zscore`` subtracts the reward
+model's mean and divides by its std on pi_ref's own samples, so objectives on different scales
+are summed / compared in the same units; ``none`` uses the raw scores (peers often do this
+silently, which lets the largest-scale reward model dominate).
+
+* weighted sum (MORLHF):  r_w = sum_k w_k r~_k
+* sample-min (public MaxMin-RLHF code):  r = min_k r~_k per response
+* group-min (Chakraborty et al., 2024):  each batch, optimise the objective whose mean
+  normalised reward is currently lowest
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mpo_exp.cost import CostMeter
+from mpo_exp.data import SequenceBatch
+
+NORMALIZATIONS = ("zscore", "none")
+
+
+def normalise(scores: torch.Tensor, means: Sequence[float], stds: Sequence[float], how: str) -> torch.Tensor:
+    if how not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {how!r}")
+    if how == "none":
+        return scores
+    mean = torch.as_tensor(means, dtype=scores.dtype)
+    std = torch.as_tensor(stds, dtype=scores.dtype).clamp(min=1e-6)
+    return (scores - mean) / std
+
+
+def weighted_sum(r: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    return r @ torch.as_tensor(weights, dtype=r.dtype)
+
+
+def sample_min(r: torch.Tensor) -> torch.Tensor:
+    return r.min(dim=-1).values
+
+
+def group_min(r: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The column of the objective with the lowest batch mean, and its index."""
+    k = int(r.mean(0).argmin())
+    return r[:, k], k
+
+
+class RewardAggregator:
+    """Scores a batch of responses with K reward models and aggregates them into (B,) scores."""
+
+    RULES = ("weighted", "sample_min", "group_min")
+
+    def __init__(
+        self,
+        models: Sequence[torch.nn.Module],
+        names: Sequence[str],
+        means: Sequence[float],
+        stds: Sequence[float],
+        rule: str,
+        normalization: str = "zscore",
+        weights: Sequence[float] | None = None,
+        meter: CostMeter | None = None,
+    ) -> None:
+        if rule not in self.RULES:
+            raise ValueError(f"aggregation rule must be one of {self.RULES}, got {rule!r}")
+        if rule == "weighted" and (weights is None or len(weights) != len(models)):
+            raise ValueError("the weighted rule needs one weight per reward model")
+        normalise(torch.zeros(1, len(models)), means, stds, normalization)  # validates `normalization`
+        self.models, self.names, self.means, self.stds = list(models), list(names), list(means), list(stds)
+        self.rule, self.normalization, self.weights, self.meter = rule, normalization, weights, meter
+        self.group_counts = [0] * len(models)
+
+    def per_objective(self, batch: SequenceBatch) -> torch.Tensor:
+        from baselines.reward_model import score_with_rm
+
+        raw = torch.stack([score_with_rm(m, batch, meter=self.meter) for m in self.models], dim=-1)
+        return normalise(raw, self.means, self.stds, self.normalization)
+
+    def __call__(self, batch: SequenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        r = self.per_objective(batch)
+        info = {f"rm_{n}": float(r[:, k].mean()) for k, n in enumerate(self.names)}
+        if self.rule == "weighted":
+            return weighted_sum(r, self.weights), info
+        if self.rule == "sample_min":
+            return sample_min(r), info
+        scores, k = group_min(r)
+        self.group_counts[k] += 1
+        info["group"] = float(k)
+        return scores, info

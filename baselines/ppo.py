@@ -1,0 +1,237 @@
+"""KL-regularised RL from reward models: PPO (clipped, value head, GAE) or RLOO, with manual optimisation.
+
+One trainer serves every baseline: what differs between MORLHF and MaxMin-RLHF is only the
+``reward_fn`` that turns a batch of responses into one scalar score per response.
+
+Per-token rewards follow the standard RLHF recipe (Ziegler et al., 2019; TRL):
+r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the sequence score on the last token,
+so beta is the same KL coefficient the DPO policies used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from mpo_exp.cost import CostMeter, n_params
+from mpo_exp.data import SequenceBatch
+from mpo_exp.generation import sample
+from mpo_exp.mpo.mixing import MixedPolicy
+from mpo_exp.policies import Policy
+from mpo_exp.scoring import token_logprobs
+
+RewardFn = Callable[[SequenceBatch], tuple[torch.Tensor, dict[str, float]]]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def kl_penalised_rewards(
+    scores: torch.Tensor, logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """(B, T) per-token rewards: -beta * (log pi - log pi_ref), the score added on the last real token."""
+    rewards = -beta * (logp - logp_ref) * mask
+    last = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask.bool()
+    return rewards + scores.unsqueeze(-1) * last
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over right-padded (B, T) tensors; returns (advantages, returns)."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    T = rewards.shape[1]
+    for t in reversed(range(T)):
+        next_mask = mask[:, t + 1] if t + 1 < T else torch.zeros_like(mask[:, 0])
+        next_value = values[:, t + 1] * next_mask if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * next_mask * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+class PolicyWithValueHead(torch.nn.Module):
+    """A causal LM plus a scalar value head on its last hidden state (as TRL's value-head models)."""
+
+    def __init__(self, lm: PreTrainedModel) -> None:
+        super().__init__()
+        self.lm = lm
+        hidden = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
+        self.v_head = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.v_head.weight)
+        torch.nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, R, V) logits predicting each response token and (B, R) values of the states before them."""
+        out = self.lm(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        p, r = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+        logits = out.logits[:, p - 1 : p + r - 1].float()
+        values = self.v_head(out.hidden_states[-1][:, p - 1 : p + r - 1]).squeeze(-1).float()
+        return logits, values
+
+
+class PPOModule(pl.LightningModule):
+    """One training step = one rollout on a batch of prompts + the policy updates on it."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        reference: MixedPolicy,
+        reward_fn: RewardFn,
+        beta: float,
+        max_new_tokens: int,
+        estimator: str = "ppo",
+        lr: float = 1e-4,
+        ppo_epochs: int = 2,
+        minibatches: int = 2,
+        clip_range: float = 0.2,
+        clip_range_value: float = 0.2,
+        vf_coef: float = 0.1,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_scores: bool = False,
+        rloo_k: int = 4,
+        max_grad_norm: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if estimator not in ("ppo", "rloo"):
+            raise ValueError(f"rl.estimator must be 'ppo' or 'rloo', got {estimator!r}")
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        self.automatic_optimization = False
+        self.net = PolicyWithValueHead(policy.model)
+        for m in self.net.modules():  # dropout makes old/new log-probs disagree; PPO implementations drop it
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        self.policy, self.reference, self.reward_fn = policy, reference, reward_fn
+        self.beta, self.max_new_tokens, self.estimator = beta, max_new_tokens, estimator
+        self.lr, self.ppo_epochs, self.minibatches = lr, ppo_epochs, minibatches
+        self.clip_range, self.clip_range_value, self.vf_coef = clip_range, clip_range_value, vf_coef
+        self.gamma, self.lam, self.whiten_scores, self.rloo_k = gamma, lam, whiten_scores, rloo_k
+        self.max_grad_norm = max_grad_norm
+        self.meter: CostMeter | None = None
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        return 1 if self.estimator == "rloo" else self.ppo_epochs * self.minibatches
+
+    def on_fit_start(self) -> None:
+        # pi_ref and the reward models are not submodules (never trained): move them by hand
+        for model in [*self.reference.live[0], *getattr(self.reward_fn, "models", [])]:
+            model.to(self.device)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.net.parameters(), lr=self.lr)
+
+    def _charge(self, model: torch.nn.Module, tokens: int, backward: bool = False) -> None:
+        if self.meter is not None:
+            self.meter.forward(n_params(model), tokens)
+            if backward:
+                self.meter.backward(n_params(model), tokens)
+
+    # ---- rollout ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
+        self.net.eval()
+        if self.estimator == "rloo":
+            prompts = [p for p in prompts for _ in range(self.rloo_k)]
+        batch = sample(MixedPolicy.single(self.policy), prompts, self.max_new_tokens).to(self.device)
+        mask = batch.response_mask.float()
+        logits, values = self.net(batch)
+        logp = torch.gather(F.log_softmax(logits, -1), -1, batch.response_ids.unsqueeze(-1)).squeeze(-1) * mask
+        logp_ref = token_logprobs(*self.reference.live, batch)
+        scores, info = self.reward_fn(batch)
+        scores = scores.to(self.device)
+        for model, passes in ((self.net, 2), (self.reference.policies[0].model, 1)):  # generate+score, ref
+            self._charge(model, passes * batch.n_tokens)
+        if self.whiten_scores:
+            scores = (scores - scores.mean()) / scores.std().clamp(min=1e-6)
+        kl = ((logp - logp_ref) * mask).sum(-1)
+        info.update(score=float(scores.mean()), kl=float(kl.mean()), length=float(mask.sum(-1).mean()))
+        self.net.train()
+        return dict(batch=batch, mask=mask, logp=logp, logp_ref=logp_ref, values=values * mask,
+                    scores=scores, kl=kl, info=info)
+
+    # ---- updates ---------------------------------------------------------------------------
+    def _ppo_updates(self, ro: dict) -> dict[str, float]:
+        opt = self.optimizers()
+        mask = ro["mask"]
+        rewards = kl_penalised_rewards(ro["scores"], ro["logp"], ro["logp_ref"], mask, self.beta)
+        advantages, returns = gae(rewards, ro["values"], mask, self.gamma, self.lam)
+        advantages = masked_whiten(advantages, mask)
+        n = len(ro["batch"])
+        stats: dict[str, float] = {}
+        for _ in range(self.ppo_epochs):
+            perm = torch.randperm(n, device=mask.device)
+            for idx in perm.chunk(self.minibatches):
+                b, m = ro["batch"][idx], mask[idx]
+                logits, values = self.net(b)
+                logp = torch.gather(F.log_softmax(logits, -1), -1, b.response_ids.unsqueeze(-1)).squeeze(-1)
+                ratio = torch.exp(logp - ro["logp"][idx])
+                adv = advantages[idx]
+                pg = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)), m)
+                v_old = ro["values"][idx]
+                v_clip = v_old + (values - v_old).clamp(-self.clip_range_value, self.clip_range_value)
+                vf = 0.5 * masked_mean(torch.max((values - returns[idx]) ** 2, (v_clip - returns[idx]) ** 2), m)
+                loss = pg + self.vf_coef * vf
+                opt.zero_grad()
+                self.manual_backward(loss)
+                self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                self._charge(self.net, b.n_tokens, backward=True)
+                stats = {"pg_loss": float(pg.detach()), "vf_loss": float(vf.detach()),
+                         "clipfrac": float(masked_mean(((ratio - 1).abs() > self.clip_range).float(), m))}
+        return stats
+
+    def _rloo_update(self, ro: dict) -> dict[str, float]:
+        """REINFORCE with a leave-one-out baseline over k samples per prompt (Ahmadian et al., 2024)."""
+        opt = self.optimizers()
+        k = self.rloo_k
+        total = (ro["scores"] - self.beta * ro["kl"]).view(-1, k)
+        advantages = (total - (total.sum(1, keepdim=True) - total) / (k - 1)).view(-1)
+        logits, _ = self.net(ro["batch"])
+        logp = torch.gather(F.log_softmax(logits, -1), -1, ro["batch"].response_ids.unsqueeze(-1)).squeeze(-1)
+        loss = -(advantages.detach() * (logp * ro["mask"]).sum(-1)).mean()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        self._charge(self.net, ro["batch"].n_tokens, backward=True)
+        return {"pg_loss": float(loss.detach())}
+
+    def training_step(self, prompts: list[list[int]], batch_idx: int) -> None:
+        ro = self.rollout(prompts)
+        stats = self._rloo_update(ro) if self.estimator == "rloo" else self._ppo_updates(ro)
+        stats.update(ro["info"])
+        self.history.append(stats)
+        shown = {"score", "kl"}
+        self.log_dict({f"rl/{k}": v for k, v in stats.items() if k not in shown}, batch_size=len(prompts))
+        self.log_dict({f"rl/{k}": stats[k] for k in shown}, prog_bar=True, batch_size=len(prompts))
+
+
+def prompt_collate(items: list[list[int]]) -> list[list[int]]:
+    return list(items)
+

@@ -1,0 +1,49 @@
+"""The RL stage shared by MORLHF and MaxMin-RLHF: train pi from pi_ref on one reward function."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hydra.utils import instantiate
+
+from baselines.ppo import RewardFn, prompt_collate
+from mpo_exp.generation import encode_prompts
+from mpo_exp.policies import Policy, load_policy, save_policy
+
+if TYPE_CHECKING:
+    from mpo_exp.pipeline import RunContext
+
+log = logging.getLogger(__name__)
+
+
+def train_rl_policy(
+    ctx: RunContext, name: str, spec: dict, make_reward_fn: Callable[[], RewardFn]
+) -> tuple[Policy, list[dict]]:
+    """Train (or reuse) an RL policy; ``spec`` must identify the reward function completely."""
+    cfg = ctx.cfg.rl
+    full_spec = {"ref": ctx.keys["sft"], "rl": ctx.plain(cfg), "beta": ctx.beta, "seed": ctx.seed,
+                 "max_new_tokens": ctx.task.max_new_tokens, **spec}
+
+    def build(tmp: Path) -> None:
+        ctx.reseed(40)
+        policy = load_policy(ctx.store.path("sft", ctx.keys["sft"]), name=name)
+        module = instantiate(cfg.module)(
+            policy=policy, reference=ctx.reference, reward_fn=make_reward_fn(), beta=ctx.beta,
+            max_new_tokens=ctx.task.max_new_tokens,
+        )
+        n = int(cfg.iterations) * int(cfg.batch_size)
+        prompts = encode_prompts(policy.tokenizer, ctx.task.prompts("train", n, ctx.seed + 5))
+        log.info("RL (%s, %s) for %d iterations of %d prompts, beta=%s", name, cfg.module.estimator,
+                 cfg.iterations, cfg.batch_size, ctx.beta)
+        ctx.fit(module, prompts, prompt_collate, cfg,
+                max_steps=int(cfg.iterations) * module.optimizer_steps_per_iteration)
+        save_policy(policy, tmp)
+        (tmp / "history.json").write_text(json.dumps(module.history))
+
+    art = ctx.cached_stage(f"rl/{name}", "rl_policy", full_spec, build)
+    history = json.loads((art.path / "history.json").read_text())
+    return load_policy(art.path, name=name).eval(), history
