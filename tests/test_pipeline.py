@@ -99,3 +99,34 @@ def test_cli_reports_bad_field(tmp_path):
     out = _cli(["experiment=smoke", "beta=-1", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert out.returncode != 0
     assert "beta must be a number > 0" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "rows"),
+    [
+        ("morlhf", [], ["morlhf"]),
+        ("morlhf", ["rl=rloo", "method.normalization=none"], ["morlhf"]),
+        ("maxmin_rlhf", [], ["maxmin_rlhf_group_min", "maxmin_rlhf_sample_min"]),
+        ("maxmin_rlhf", ["method.variants=[group_min]", "method.groups=em", "method.em.users=6",
+                         "method.em.iterations=2", "method.em.rm_steps=2"], ["maxmin_rlhf_group_min_em"]),
+        ("reward_soups", [], ["reward_soup", "weighted_reward_soup"]),
+    ],
+)
+def test_baseline_methods_write_the_same_results(smoke_cfg, tmp_path, method, extra, rows):
+    res = run_pipeline(smoke_cfg(f"method={method}", *extra), tmp_path / method)
+    assert res["method"] == method and res["method_policies"] == rows
+    for row in rows + ["pi_ref", "uniform_mix"]:
+        assert set(res["policies"][row]) == {"reward", "reward_z", "min_reward_z", "win_rate", "min_win_rate", "kl"}
+    total = res["cost_summary"]["total"]
+    if method == "reward_soups":
+        assert res["cost"]["soup/reward_soup"]["tokens_bwd"] == 0
+        assert total["flops"] >= res["cost"]["dpo/helpful"]["flops"]
+    else:
+        assert "dpo/helpful" in res["cost"]  # computed for the table, but not part of the method's cost
+        rl = [s for s in res["cost"] if s.startswith("rl/")]
+        assert len(rl) == len(rows) and all(res["cost"][s]["tokens_bwd"] > 0 for s in rl)
+        assert total["flops"] == pytest.approx(sum(c["flops"] for s, c in res["cost"].items()
+                                                   if s.startswith(("preferences", "rm/", "rl/"))))
+        assert set(res["rl_history"]) == set(rows)
+    if "em" in res:
+        assert 0 < res["em"]["purity"] <= 1

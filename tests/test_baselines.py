@@ -1,0 +1,155 @@
+"""Baselines: GAE by hand, KL-penalised rewards, BT loss, aggregations, soups, EM group recovery."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from baselines.aggregation import RewardAggregator, group_min, normalise, sample_min, weighted_sum
+from baselines.em import em_user_groups, purity
+from baselines.ppo import gae, kl_penalised_rewards, masked_whiten
+from baselines.reward_model import bt_loss
+from baselines.soups import average_state_dicts
+
+
+def test_gae_matches_hand_computation():
+    # one sequence of 3 real tokens + 1 padding, gamma = 0.9, lambda = 0.5
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3, 9.9]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    d2 = 1.0 - 0.3  # last real token: no bootstrap
+    d1 = 0.0 + 0.9 * 0.3 - 0.4
+    d0 = 0.0 + 0.9 * 0.4 - 0.5
+    a2 = d2
+    a1 = d1 + 0.9 * 0.5 * a2
+    a0 = d0 + 0.9 * 0.5 * a1
+    torch.testing.assert_close(adv, torch.tensor([[a0, a1, a2, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[a0 + 0.5, a1 + 0.4, a2 + 0.3, 0.0]]))
+
+
+def test_gae_with_gamma_lambda_one_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[0.1, -0.2, 2.0], [0.3, 1.0, 0.0]])
+    values = torch.tensor([[0.2, 0.1, 0.4], [0.0, 0.5, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    togo = torch.flip(torch.cumsum(torch.flip(rewards * mask, [1]), 1), [1])
+    torch.testing.assert_close(adv, (togo - values) * mask)
+
+
+def test_kl_penalised_rewards_put_score_on_last_real_token():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    r = kl_penalised_rewards(torch.tensor([3.0, -1.0]), logp, ref, mask, beta=0.1)
+    torch.testing.assert_close(r, torch.tensor([[-0.05, 0.1, 3.0], [-0.1, -1.0, 0.0]]))
+
+
+def test_masked_whiten_ignores_padding():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    w = masked_whiten(x, mask)
+    assert float(w[mask.bool()].mean()) == pytest.approx(0, abs=1e-6)
+    assert float(w[mask.bool()].std(unbiased=False)) == pytest.approx(1, abs=1e-3)
+    assert (w[:, 2] == 0).all()
+
+
+def test_bradley_terry_loss_by_hand():
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    expected = -(math.log(1 / (1 + math.exp(-1))) + math.log(1 / (1 + math.exp(1)))) / 2
+    assert float(bt_loss(chosen, rejected)) == pytest.approx(expected)
+
+
+def test_aggregations():
+    r = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.0, -1.0]])
+    torch.testing.assert_close(weighted_sum(r, [0.5, 0.25, 0.25]), torch.tensor([0.125, 1.25]))
+    torch.testing.assert_close(sample_min(r), torch.tensor([-2.0, -1.0]))
+    scores, k = group_min(r)  # column means 2, -1, -0.25 -> objective 1 is the worst served
+    assert k == 1 and torch.equal(scores, r[:, 1])
+    torch.testing.assert_close(normalise(r, [1.0, 0.0, 0.0], [2.0, 1.0, 0.5], "zscore"),
+                               torch.tensor([[0.0, -2.0, 1.0], [1.0, 0.0, -2.0]]))
+    assert torch.equal(normalise(r, [9, 9, 9], [9, 9, 9], "none"), r)
+    with pytest.raises(ValueError, match="normalization"):
+        normalise(r, [0] * 3, [1] * 3, "rank")
+
+
+def test_group_min_follows_the_worst_objective_across_batches():
+    class Fixed(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+
+    agg = RewardAggregator([Fixed(0), Fixed(0)], ["a", "b"], [0, 0], [1, 1], "group_min")
+    agg.per_objective = lambda batch: batch  # reward models replaced by a fixed table
+    for table, worst in [(torch.tensor([[0.0, 1.0], [0.0, 1.0]]), 0), (torch.tensor([[2.0, 1.0], [2.0, -1.0]]), 1)]:
+        scores, info = agg(table)
+        assert info["group"] == worst and torch.equal(scores, table[:, worst])
+    assert agg.group_counts == [1, 1]
+    with pytest.raises(ValueError, match="rule"):
+        RewardAggregator([], [], [], [], "mean")
+
+
+def test_soup_averages_state_dicts():
+    a = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor(3)}
+    b = {"w": torch.tensor([3.0, 6.0]), "steps": torch.tensor(3)}
+    out = average_state_dicts([a, b], [0.25, 0.75])
+    torch.testing.assert_close(out["w"], torch.tensor([2.5, 5.0]))
+    assert out["steps"] == 3
+    with pytest.raises(ValueError, match="sum to 1"):
+        average_state_dicts([a, b], [0.5, 0.6])
+    with pytest.raises(ValueError, match="differ"):
+        average_state_dicts([a, {"w": b["w"], "steps": torch.tensor(4)}], [0.5, 0.5])
+
+
+def test_soup_of_identical_models_is_the_model(tiny_policies):
+    sd = tiny_policies[0].model.state_dict()
+    out = average_state_dicts([sd, sd, sd], [0.2, 0.3, 0.5])
+    for key, value in sd.items():
+        torch.testing.assert_close(out[key], value)
+
+
+def test_em_recovers_synthetic_user_groups():
+    """Users from 3 hidden groups, each preferring along its own direction; EM finds the groups."""
+    g = torch.Generator().manual_seed(0)
+    dim, n_users, pairs_per_user, k = 6, 30, 40, 3
+    directions = torch.eye(dim)[:k] * 3.0
+    truth = [u % k for u in range(n_users)]
+    data = []
+    for u in range(n_users):
+        x_a, x_b = torch.randn(pairs_per_user, dim, generator=g), torch.randn(pairs_per_user, dim, generator=g)
+        p = torch.sigmoid((x_a - x_b) @ directions[truth[u]])
+        a_wins = torch.rand(pairs_per_user, generator=g) < p
+        chosen = torch.where(a_wins.unsqueeze(-1), x_a, x_b)
+        rejected = torch.where(a_wins.unsqueeze(-1), x_b, x_a)
+        data.append((chosen, rejected))
+
+    def fit(users):  # a linear BT reward model r(x) = theta . x
+        theta = torch.zeros(dim, requires_grad=True)
+        opt = torch.optim.LBFGS([theta], max_iter=50)
+        c = torch.cat([data[u][0] for u in users])
+        r = torch.cat([data[u][1] for u in users])
+
+        def closure():
+            opt.zero_grad()
+            loss = bt_loss(c @ theta, r @ theta) + 1e-3 * theta.square().sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return theta.detach()
+
+    def loglik(theta, u):
+        c, r = data[u]
+        return -float(bt_loss(c @ theta, r @ theta)) * len(c)
+
+    result = em_user_groups(n_users, k, fit, loglik, iterations=10, seed=1)
+    assert purity(result.assignment, truth) == 1.0
+    assert len(set(result.assignment)) == k
+    assert result.iterations <= 10
+
+
+def test_purity():
+    assert purity([0, 0, 1, 1], [5, 5, 7, 7]) == 1.0
+    assert purity([0, 0, 0, 0], [1, 1, 2, 2]) == 0.5
