@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,7 +15,7 @@ from baselines.reward_model import RewardModel, bt_loss, reward_models, score_wi
 from baselines.rl import train_rl_policy
 from baselines.soups import average_state_dicts
 from mpo_exp.methods import Method, MethodOutput
-from mpo_exp.mpo.mixing import MixedPolicy, check_simplex
+from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
 from mpo_exp.policies import Policy
 
 if TYPE_CHECKING:
@@ -41,24 +42,18 @@ class MORLHFMethod(Method):
 
     name = "morlhf"
 
-    def __init__(self, weights: dict[str, float] | None = None, normalization: str = "zscore") -> None:
+    def __init__(self, weights: Mapping[str, float] | Sequence[float] | None = None,
+                 normalization: str = "zscore") -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"method.normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        self.weights = None if weights is None else {str(k): float(v) for k, v in dict(weights).items()}
-        self.normalization = normalization
+        self.weights, self.normalization = weights, normalization
 
     def validate(self, objectives: list[str]) -> None:
-        if self.weights is None:
-            return
-        unknown = [o for o in self.weights if o not in objectives]
-        if unknown:
-            raise ValueError(f"method.weights: unknown objective(s) {unknown}; objectives are {objectives}")
-        check_simplex(list(self.weights.values()), field="method.weights")
+        resolve_weights(self.weights, objectives)
 
     def run(self, ctx: RunContext) -> MethodOutput:
         objectives = ctx.task.objectives
-        w = [1 / len(objectives)] * len(objectives) if self.weights is None else \
-            [self.weights.get(o, 0.0) for o in objectives]
+        w = resolve_weights(self.weights, objectives)
         rms = list(reward_models(ctx).values())
         label = "morlhf" if self.weights is None else "morlhf_" + "_".join(f"{x:.2f}" for x in w)
         spec = {"method": "morlhf", "weights": w, "normalization": self.normalization,

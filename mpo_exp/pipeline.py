@@ -103,6 +103,10 @@ class RunContext:
 
     # ---- shared stages ---------------------------------------------------------------------
     @cached_property
+    def model_spec(self):
+        return instantiate(self.cfg.model)
+
+    @cached_property
     def tokenizer(self):
         return self.task.build_tokenizer()
 
@@ -119,13 +123,15 @@ class RunContext:
 
         def build(tmp: Path) -> None:
             self.reseed(1)
-            policy: Policy = instantiate(cfg.model).build(self.tokenizer)
+            policy: Policy = self.model_spec.build(self.tokenizer)
             tok = policy.tokenizer
             corpus = self.task.corpus(int(cfg.sft.n_examples), self.seed)
             prompts = encode_prompts(tok, [p for p, _ in corpus])
             responses = [ids + [tok.eos_token_id] for ids in encode_prompts(tok, [r for _, r in corpus])]
             data = SequenceDataset(prompts, responses, tok.pad_token_id)
-            self.fit(instantiate(cfg.sft.module)(model=policy.model), data, data.collate, cfg.sft)
+            model = self.model_spec.trainable(policy.model)
+            self.fit(instantiate(cfg.sft.module)(model=model), data, data.collate, cfg.sft)
+            policy.model = self.model_spec.mergeable(model)
             save_policy(policy, tmp)
 
         art = self.cached_stage("sft", "sft", spec, build)
@@ -187,8 +193,9 @@ class RunContext:
                 policy = load_policy(self.store.path("sft", self.keys["sft"]), name=objective)
                 data = pairs.dataset(k, ref.tokenizer.pad_token_id, drop_ties=bool(cfg.drop_ties))
                 log.info("DPO for '%s' on %d pairs (beta=%s)", objective, len(data), self.beta)
-                module = instantiate(cfg.module)(model=policy.model, objective=objective)
-                self.fit(module, data, data.collate, cfg)
+                model = self.model_spec.trainable(policy.model)
+                self.fit(instantiate(cfg.module)(model=model, objective=objective), data, data.collate, cfg)
+                policy.model = self.model_spec.mergeable(model)
                 save_policy(policy, tmp)
 
             art = self.cached_stage(f"dpo/{objective}", "dpo", spec, build)

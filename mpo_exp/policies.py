@@ -56,18 +56,39 @@ class TinyGPT2Spec:
         )
         return Policy("init", GPT2LMHeadModel(cfg), tokenizer)
 
+    def trainable(self, model: PreTrainedModel) -> PreTrainedModel:
+        return model
+
+    def mergeable(self, model: PreTrainedModel) -> PreTrainedModel:
+        return model
+
 
 class PretrainedSpec:
     """Any HF causal LM by hub name or local path; its own tokenizer unless the task brings one."""
 
-    def __init__(self, name_or_path: str, dtype: str = "float32", trust_remote_code: bool = False) -> None:
-        self.name_or_path, self.dtype, self.trust_remote_code = name_or_path, dtype, trust_remote_code
+    def __init__(self, name_or_path: str, dtype: str = "float32", lora: dict | None = None) -> None:
+        self.name_or_path, self.dtype = name_or_path, dtype
+        self.lora = dict(lora) if lora else None
 
     def build(self, tokenizer: PreTrainedTokenizerBase | None) -> Policy:
         policy = load_policy(self.name_or_path, name="init", dtype=self.dtype)
         if tokenizer is not None:
             check_same_tokenizer({"model": policy.tokenizer, "task": tokenizer})
         return policy
+
+    def trainable(self, model: PreTrainedModel) -> PreTrainedModel:
+        """Wrap in LoRA adapters when ``model.lora`` is set (needs the optional ``peft`` package)."""
+        if not self.lora:
+            return model
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            raise ImportError("model.lora needs the `peft` package: pip install peft") from e
+        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **self.lora))
+
+    def mergeable(self, model) -> PreTrainedModel:
+        """Fold LoRA adapters back in, so every saved artifact is a plain ``from_pretrained`` model."""
+        return model.merge_and_unload() if self.lora else model
 
 
 def load_policy(path: str | os.PathLike, name: str | None = None, dtype: str = "float32") -> Policy:

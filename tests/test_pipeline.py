@@ -130,3 +130,18 @@ def test_baseline_methods_write_the_same_results(smoke_cfg, tmp_path, method, ex
         assert set(res["rl_history"]) == set(rows)
     if "em" in res:
         assert 0 < res["em"]["purity"] <= 1
+
+
+@pytest.mark.slow
+def test_multirun_sweep_shares_artifacts_and_reports(tmp_path):
+    from mpo_exp.report import build_report
+
+    sweep = tmp_path / "sweep"
+    out = _cli(["-m", "experiment=smoke", "logger=none", "seed=0", "method=mpo,fixed_mix",
+                f"hydra.sweep.dir={sweep}", "trainer.enable_progress_bar=false"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = sorted(sweep.glob("*/results.json"))
+    assert len(results) == 2  # one output dir per job
+    assert "reusing cached dpo/helpful" in out.stdout + out.stderr  # the second job reuses the first's pi_k
+    report = build_report(sweep)
+    assert "MPO" in report["table1"] and (sweep / "table1.md").exists() and (sweep / "cost.md").exists()

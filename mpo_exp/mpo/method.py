@@ -6,6 +6,7 @@ Also the fixed-weight mixture (the closed-form MORLHF optimum pi_w ∝ prod_k pi
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from mpo_exp.generation import encode_prompts, sample
 from mpo_exp.methods import Method, MethodOutput
 from mpo_exp.mpo.bsmd import solve_bsmd
-from mpo_exp.mpo.mixing import MixedPolicy, check_simplex
+from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
 from mpo_exp.pipeline import RunContext  # noqa: TC001
 from mpo_exp.scoring import score_sequences
 
@@ -152,18 +153,15 @@ class FixedMixMethod(Method):
 
     name = "fixed_mix"
 
-    def __init__(self, weights: dict[str, float]) -> None:
-        self.weights = {str(k): float(v) for k, v in dict(weights).items()}
+    def __init__(self, weights: Mapping[str, float] | Sequence[float] | None = None) -> None:
+        self.weights = weights
 
     def validate(self, objectives: list[str]) -> None:
-        unknown = [o for o in self.weights if o not in objectives]
-        if unknown:
-            raise ValueError(f"method.weights: unknown objective(s) {unknown}; objectives are {objectives}")
-        check_simplex(list(self.weights.values()), field="method.weights")
+        resolve_weights(self.weights, objectives)
 
     def run(self, ctx: RunContext) -> MethodOutput:
         singles = ctx.single_objective_policies
-        w = [self.weights.get(n, 0.0) for n in singles]
+        w = resolve_weights(self.weights, list(singles))
         label = "_".join(f"{v:.2f}" for v in w)
         return MethodOutput(
             [MixedPolicy(f"fixed_mix_{label}", list(singles.values()), w)],

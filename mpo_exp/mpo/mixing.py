@@ -9,7 +9,7 @@ lambda and fixed user weights (the MORLHF closed form, pi_w ∝ prod_k pi_k^w_k)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import LogitsProcessor
@@ -27,6 +27,26 @@ def check_simplex(weights: Sequence[float], field: str = "weights") -> None:
         raise ValueError(f"{field} must be non-negative, got {w}")
     if abs(sum(w) - 1.0) > SIMPLEX_TOL:
         raise ValueError(f"{field} must sum to 1 (a point on the simplex), got sum={sum(w):.6g} for {w}")
+
+
+def resolve_weights(
+    weights: Mapping[str, float] | Sequence[float] | None, objectives: Sequence[str], field: str = "method.weights"
+) -> list[float]:
+    """User weights as a simplex vector in objective order: a {name: w} mapping, a list in objective
+    order (convenient in Hydra sweeps: ``method.weights=[0.5,0.5,0],[1,0,0]``), or None for uniform."""
+    if weights is None:
+        return [1.0 / len(objectives)] * len(objectives)
+    if isinstance(weights, Mapping):
+        unknown = [o for o in weights if o not in objectives]
+        if unknown:
+            raise ValueError(f"{field}: unknown objective(s) {unknown}; objectives are {list(objectives)}")
+        vector = [float(weights.get(o, 0.0)) for o in objectives]
+    else:
+        vector = [float(w) for w in weights]
+        if len(vector) != len(objectives):
+            raise ValueError(f"{field} has {len(vector)} entries for {len(objectives)} objectives {list(objectives)}")
+    check_simplex(vector, field=field)
+    return vector
 
 
 class MixedPolicy:
