@@ -28,7 +28,7 @@ test: install
 	WANDB_MODE=offline $(BIN)/python -m pytest -q $(ARGS)
 
 lint: install
-	$(BIN)/ruff check mpo_exp tests benchmarks
+	$(BIN)/ruff check mpo_exp baselines tests benchmarks
 
 ## stage timings and BSMD throughput (see benchmarks/README.md)
 bench: install

@@ -27,10 +27,19 @@ log = logging.getLogger(__name__)
 RL_TOTAL = ("preferences", "rm/", "rl/")
 
 
-def _aggregator(ctx: RunContext, rms: list[RewardModel], rule: str, normalization: str,
-                weights: list[float] | None = None) -> RewardAggregator:
-    return RewardAggregator([r.model for r in rms], [r.objective for r in rms], [r.mean for r in rms],
-                            [r.std for r in rms], rule, normalization, weights, ctx.meter)
+def _aggregator(
+    ctx: RunContext, rms: list[RewardModel], rule: str, normalization: str, weights: list[float] | None = None
+) -> RewardAggregator:
+    return RewardAggregator(
+        [r.model for r in rms],
+        [r.objective for r in rms],
+        [r.mean for r in rms],
+        [r.std for r in rms],
+        rule,
+        normalization,
+        weights,
+        ctx.meter,
+    )
 
 
 def _rm_summary(rms: list[RewardModel]) -> dict:
@@ -42,8 +51,9 @@ class MORLHFMethod(Method):
 
     name = "morlhf"
 
-    def __init__(self, weights: Mapping[str, float] | Sequence[float] | None = None,
-                 normalization: str = "zscore") -> None:
+    def __init__(
+        self, weights: Mapping[str, float] | Sequence[float] | None = None, normalization: str = "zscore"
+    ) -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"method.normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         self.weights, self.normalization = weights, normalization
@@ -56,13 +66,22 @@ class MORLHFMethod(Method):
         w = resolve_weights(self.weights, objectives)
         rms = list(reward_models(ctx).values())
         label = "morlhf" if self.weights is None else "morlhf_" + "_".join(f"{x:.2f}" for x in w)
-        spec = {"method": "morlhf", "weights": w, "normalization": self.normalization,
-                "rms": [ctx.keys[f"rm/{o}"] for o in objectives]}
-        policy, history = train_rl_policy(ctx, label, spec,
-                                          lambda: _aggregator(ctx, rms, "weighted", self.normalization, w))
-        return MethodOutput([MixedPolicy.single(policy)], weights=dict(zip(objectives, w, strict=True)),
-                            own_stages=("rm/", "rl/"), total_stages=RL_TOTAL,
-                            extras={"reward_models": _rm_summary(rms), "rl_history": {label: history}})
+        spec = {
+            "method": "morlhf",
+            "weights": w,
+            "normalization": self.normalization,
+            "rms": [ctx.keys[f"rm/{o}"] for o in objectives],
+        }
+        policy, history = train_rl_policy(
+            ctx, label, spec, lambda: _aggregator(ctx, rms, "weighted", self.normalization, w)
+        )
+        return MethodOutput(
+            [MixedPolicy.single(policy)],
+            weights=dict(zip(objectives, w, strict=True)),
+            own_stages=("rm/", "rl/"),
+            total_stages=RL_TOTAL,
+            extras={"reward_models": _rm_summary(rms), "rl_history": {label: history}},
+        )
 
 
 class MaxMinRLHFMethod(Method):
@@ -75,11 +94,18 @@ class MaxMinRLHFMethod(Method):
     name = "maxmin_rlhf"
     VARIANTS = ("group_min", "sample_min")
 
-    def __init__(self, variants: list[str] | tuple[str, ...] = VARIANTS, normalization: str = "zscore",
-                 groups: str = "known", em: dict | None = None) -> None:
+    def __init__(
+        self,
+        variants: list[str] | tuple[str, ...] = VARIANTS,
+        normalization: str = "zscore",
+        groups: str = "known",
+        em: dict | None = None,
+    ) -> None:
         bad = [v for v in variants if v not in self.VARIANTS]
         if bad or not variants:
-            raise ValueError(f"method.variants must be a non-empty subset of {self.VARIANTS}, got {list(variants)}")
+            raise ValueError(
+                f"method.variants must be a non-empty subset of {self.VARIANTS}, got {list(variants)}"
+            )
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"method.normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
         if groups not in ("known", "em"):
@@ -101,17 +127,25 @@ class MaxMinRLHFMethod(Method):
         policies = []
         for variant in self.variants:
             label = f"maxmin_rlhf_{variant}" + ("_em" if self.groups == "em" else "")
-            spec = {"method": "maxmin_rlhf", "variant": variant, "normalization": self.normalization, "rms": rm_keys}
+            spec = {
+                "method": "maxmin_rlhf",
+                "variant": variant,
+                "normalization": self.normalization,
+                "rms": rm_keys,
+            }
             rule = variant
-            policy, history = train_rl_policy(ctx, label, spec,
-                                              lambda rule=rule: _aggregator(ctx, rms, rule, self.normalization))
+            policy, history = train_rl_policy(
+                ctx, label, spec, lambda rule=rule: _aggregator(ctx, rms, rule, self.normalization)
+            )
             policies.append(MixedPolicy.single(policy))
             extras["rl_history"][label] = history
         return MethodOutput(policies, own_stages=("rm/", "rl/"), total_stages=RL_TOTAL, extras=extras)
 
 
-def em_reward_models(ctx: RunContext, users: int, iterations: int, rm_steps: int) -> tuple[list[RewardModel], dict]:
-    """Synthetic users, each labelling its share of the pairs with one (hidden) objective; EM recovers groups."""
+def em_reward_models(
+    ctx: RunContext, users: int, iterations: int, rm_steps: int
+) -> tuple[list[RewardModel], dict]:
+    """Synthetic users each label their share of pairs with one hidden objective; EM recovers the groups."""
     from hydra.utils import instantiate
 
     from baselines.reward_model import load_reward_model
@@ -126,17 +160,27 @@ def em_reward_models(ctx: RunContext, users: int, iterations: int, rm_steps: int
     for u in range(users):
         idx = ((owner == u) & ~pairs.tie[:, truth[u]]).nonzero().squeeze(-1).tolist()
         full = pairs.dataset(truth[u], pad, drop_ties=False)
-        datasets.append(PreferenceDataset([full.prompts[i] for i in idx], [full.chosen[i] for i in idx],
-                                          [full.rejected[i] for i in idx], full.ref_chosen_logp[idx],
-                                          full.ref_rejected_logp[idx], pad))
+        datasets.append(
+            PreferenceDataset(
+                [full.prompts[i] for i in idx],
+                [full.chosen[i] for i in idx],
+                [full.rejected[i] for i in idx],
+                full.ref_chosen_logp[idx],
+                full.ref_rejected_logp[idx],
+                pad,
+            )
+        )
     cfg = ctx.cfg.reward_model
 
     def fit(members):
         merged = PreferenceDataset(
-            [p for u in members for p in datasets[u].prompts], [c for u in members for c in datasets[u].chosen],
+            [p for u in members for p in datasets[u].prompts],
+            [c for u in members for c in datasets[u].chosen],
             [r for u in members for r in datasets[u].rejected],
             torch.cat([datasets[u].ref_chosen_logp for u in members]),
-            torch.cat([datasets[u].ref_rejected_logp for u in members]), pad)
+            torch.cat([datasets[u].ref_rejected_logp for u in members]),
+            pad,
+        )
         model = load_reward_model(ctx.store.path("sft", ctx.keys["sft"]))
         ctx.fit(instantiate(cfg.module)(model=model), merged, merged.collate, cfg, max_steps=rm_steps)
         return model
@@ -155,10 +199,23 @@ def em_reward_models(ctx: RunContext, users: int, iterations: int, rm_steps: int
     for g, model in enumerate(result.models):
         s = torch.cat([score_with_rm(model, pairs.a), score_with_rm(model, pairs.b)])
         rms.append(RewardModel(f"group{g}", model, float(s.mean()), float(s.std()), float("nan")))
-    info = {"purity": score, "iterations": result.iterations, "assignment": result.assignment, "truth": truth,
-            "wall_s": time.perf_counter() - start,
-            "spec_key": config_key({"sft": ctx.keys["sft"], "pairs": ctx.keys["preferences"], "users": users,
-                                    "iterations": iterations, "rm_steps": rm_steps, "seed": ctx.seed})}
+    info = {
+        "purity": score,
+        "iterations": result.iterations,
+        "assignment": result.assignment,
+        "truth": truth,
+        "wall_s": time.perf_counter() - start,
+        "spec_key": config_key(
+            {
+                "sft": ctx.keys["sft"],
+                "pairs": ctx.keys["preferences"],
+                "users": users,
+                "iterations": iterations,
+                "rm_steps": rm_steps,
+                "seed": ctx.seed,
+            }
+        ),
+    }
     return rms, info
 
 
@@ -186,7 +243,17 @@ class RewardSoupsMethod(Method):
         if self.mpo is not None:
             lam = self.mpo.run(ctx).weights
             weights = lam
-            policies.append(MixedPolicy.single(self._soup(ctx, "weighted_reward_soup", [lam[o] for o in objectives])))
-            extras["soup_weights"] = {"reward_soup": uniform, "weighted_reward_soup": [lam[o] for o in objectives]}
-        return MethodOutput(policies, weights=weights, own_stages=("soup/", "mpo/"),
-                            total_stages=("preferences", "dpo/", "soup/", "mpo/"), extras=extras)
+            policies.append(
+                MixedPolicy.single(self._soup(ctx, "weighted_reward_soup", [lam[o] for o in objectives]))
+            )
+            extras["soup_weights"] = {
+                "reward_soup": uniform,
+                "weighted_reward_soup": [lam[o] for o in objectives],
+            }
+        return MethodOutput(
+            policies,
+            weights=weights,
+            own_stages=("soup/", "mpo/"),
+            total_stages=("preferences", "dpo/", "soup/", "mpo/"),
+            extras=extras,
+        )

@@ -161,7 +161,9 @@ class PPOModule(pl.LightningModule):
         batch = sample(MixedPolicy.single(self.policy), prompts, self.max_new_tokens).to(self.device)
         mask = batch.response_mask.float()
         logits, values = self.net(batch)
-        logp = torch.gather(F.log_softmax(logits, -1), -1, batch.response_ids.unsqueeze(-1)).squeeze(-1) * mask
+        logp = (
+            torch.gather(F.log_softmax(logits, -1), -1, batch.response_ids.unsqueeze(-1)).squeeze(-1) * mask
+        )
         logp_ref = token_logprobs(*self.reference.live, batch)
         scores, info = self.reward_fn(batch)
         scores = scores.to(self.device)
@@ -172,8 +174,16 @@ class PPOModule(pl.LightningModule):
         kl = ((logp - logp_ref) * mask).sum(-1)
         info.update(score=float(scores.mean()), kl=float(kl.mean()), length=float(mask.sum(-1).mean()))
         self.net.train()
-        return dict(batch=batch, mask=mask, logp=logp, logp_ref=logp_ref, values=values * mask,
-                    scores=scores, kl=kl, info=info)
+        return dict(
+            batch=batch,
+            mask=mask,
+            logp=logp,
+            logp_ref=logp_ref,
+            values=values * mask,
+            scores=scores,
+            kl=kl,
+            info=info,
+        )
 
     # ---- updates ---------------------------------------------------------------------------
     def _ppo_updates(self, ro: dict) -> dict[str, float]:
@@ -192,18 +202,25 @@ class PPOModule(pl.LightningModule):
                 logp = torch.gather(F.log_softmax(logits, -1), -1, b.response_ids.unsqueeze(-1)).squeeze(-1)
                 ratio = torch.exp(logp - ro["logp"][idx])
                 adv = advantages[idx]
-                pg = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)), m)
+                pg = masked_mean(
+                    torch.max(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)), m
+                )
                 v_old = ro["values"][idx]
                 v_clip = v_old + (values - v_old).clamp(-self.clip_range_value, self.clip_range_value)
-                vf = 0.5 * masked_mean(torch.max((values - returns[idx]) ** 2, (v_clip - returns[idx]) ** 2), m)
+                vf = 0.5 * masked_mean(
+                    torch.max((values - returns[idx]) ** 2, (v_clip - returns[idx]) ** 2), m
+                )
                 loss = pg + self.vf_coef * vf
                 opt.zero_grad()
                 self.manual_backward(loss)
                 self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
                 self._charge(self.net, b.n_tokens, backward=True)
-                stats = {"pg_loss": float(pg.detach()), "vf_loss": float(vf.detach()),
-                         "clipfrac": float(masked_mean(((ratio - 1).abs() > self.clip_range).float(), m))}
+                stats = {
+                    "pg_loss": float(pg.detach()),
+                    "vf_loss": float(vf.detach()),
+                    "clipfrac": float(masked_mean(((ratio - 1).abs() > self.clip_range).float(), m)),
+                }
         return stats
 
     def _rloo_update(self, ro: dict) -> dict[str, float]:
@@ -234,4 +251,3 @@ class PPOModule(pl.LightningModule):
 
 def prompt_collate(items: list[list[int]]) -> list[list[int]]:
     return list(items)
-

@@ -34,7 +34,9 @@ def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 
 def rm_scores(model: PreTrainedModel, batch: SequenceBatch) -> torch.Tensor:
     """Scalar reward per sequence (the head's output at the last real token): (B,)."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    out = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+    )
     return out.logits[:, 0].float()
 
 
@@ -66,11 +68,16 @@ class RewardModelModule(PolicyModule):
         return loss
 
 
-def pairwise_accuracy(model: PreTrainedModel, data: PreferenceDataset, meter: CostMeter | None = None) -> float:
+def pairwise_accuracy(
+    model: PreTrainedModel, data: PreferenceDataset, meter: CostMeter | None = None
+) -> float:
     if len(data) == 0:
         return float("nan")
     batch = data.collate(list(range(len(data))))
-    chosen, rejected = score_with_rm(model, batch.chosen, meter=meter), score_with_rm(model, batch.rejected, meter=meter)
+    chosen, rejected = (
+        score_with_rm(model, batch.chosen, meter=meter),
+        score_with_rm(model, batch.rejected, meter=meter),
+    )
     return float((chosen > rejected).float().mean())
 
 
@@ -122,8 +129,13 @@ def reward_models(ctx: RunContext) -> dict[str, RewardModel]:
     pad_id = ctx.reference.tokenizer.pad_token_id
     out: dict[str, RewardModel] = {}
     for k, objective in enumerate(ctx.task.objectives):
-        spec = {"ref": ctx.keys["sft"], "pairs": ctx.keys["preferences"], "objective": objective,
-                "reward_model": ctx.plain(cfg), "seed": ctx.seed}
+        spec = {
+            "ref": ctx.keys["sft"],
+            "pairs": ctx.keys["preferences"],
+            "objective": objective,
+            "reward_model": ctx.plain(cfg),
+            "seed": ctx.seed,
+        }
 
         def build(tmp: Path, k: int = k, objective: str = objective) -> None:
             ctx.reseed(20 + k)
@@ -134,7 +146,9 @@ def reward_models(ctx: RunContext) -> dict[str, RewardModel]:
             ctx.fit(module, train, train.collate, cfg)
             acc = pairwise_accuracy(model, heldout, ctx.meter)
             # normalisation statistics on pi_ref's own samples (both responses of every pair)
-            scores = torch.cat([score_with_rm(model, pairs.a, meter=ctx.meter), score_with_rm(model, pairs.b)])
+            scores = torch.cat(
+                [score_with_rm(model, pairs.a, meter=ctx.meter), score_with_rm(model, pairs.b)]
+            )
             model.save_pretrained(str(tmp))
             ctx.reference.tokenizer.save_pretrained(str(tmp))
             stats = {"mean": float(scores.mean()), "std": float(scores.std()), "heldout_accuracy": acc}
@@ -142,8 +156,9 @@ def reward_models(ctx: RunContext) -> dict[str, RewardModel]:
 
         art = ctx.cached_stage(f"rm/{objective}", "reward_model", spec, build)
         stats = json.loads((art.path / "stats.json").read_text())
-        out[objective] = RewardModel(objective, load_reward_model(art.path), stats["mean"], stats["std"],
-                                     stats["heldout_accuracy"])
+        out[objective] = RewardModel(
+            objective, load_reward_model(art.path), stats["mean"], stats["std"], stats["heldout_accuracy"]
+        )
         log.info("reward model '%s': held-out pairwise accuracy %.3f", objective, stats["heldout_accuracy"])
     ctx.memo["reward_models"] = out
     return out

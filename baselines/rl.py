@@ -25,22 +25,42 @@ def train_rl_policy(
 ) -> tuple[Policy, list[dict]]:
     """Train (or reuse) an RL policy; ``spec`` must identify the reward function completely."""
     cfg = ctx.cfg.rl
-    full_spec = {"ref": ctx.keys["sft"], "rl": ctx.plain(cfg), "beta": ctx.beta, "seed": ctx.seed,
-                 "max_new_tokens": ctx.task.max_new_tokens, **spec}
+    full_spec = {
+        "ref": ctx.keys["sft"],
+        "rl": ctx.plain(cfg),
+        "beta": ctx.beta,
+        "seed": ctx.seed,
+        "max_new_tokens": ctx.task.max_new_tokens,
+        **spec,
+    }
 
     def build(tmp: Path) -> None:
         ctx.reseed(40)
         policy = load_policy(ctx.store.path("sft", ctx.keys["sft"]), name=name)
         module = instantiate(cfg.module)(
-            policy=policy, reference=ctx.reference, reward_fn=make_reward_fn(), beta=ctx.beta,
+            policy=policy,
+            reference=ctx.reference,
+            reward_fn=make_reward_fn(),
+            beta=ctx.beta,
             max_new_tokens=ctx.task.max_new_tokens,
         )
         n = int(cfg.iterations) * int(cfg.batch_size)
         prompts = encode_prompts(policy.tokenizer, ctx.task.prompts("train", n, ctx.seed + 5))
-        log.info("RL (%s, %s) for %d iterations of %d prompts, beta=%s", name, cfg.module.estimator,
-                 cfg.iterations, cfg.batch_size, ctx.beta)
-        ctx.fit(module, prompts, prompt_collate, cfg,
-                max_steps=int(cfg.iterations) * module.optimizer_steps_per_iteration)
+        log.info(
+            "RL (%s, %s) for %d iterations of %d prompts, beta=%s",
+            name,
+            cfg.module.estimator,
+            cfg.iterations,
+            cfg.batch_size,
+            ctx.beta,
+        )
+        ctx.fit(
+            module,
+            prompts,
+            prompt_collate,
+            cfg,
+            max_steps=int(cfg.iterations) * module.optimizer_steps_per_iteration,
+        )
         save_policy(policy, tmp)
         (tmp / "history.json").write_text(json.dumps(module.history))
 

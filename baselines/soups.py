@@ -19,7 +19,9 @@ def average_state_dicts(
     keys = list(state_dicts[0])
     for i, sd in enumerate(state_dicts[1:], 1):
         if list(sd) != keys:
-            raise ValueError(f"state dict {i} has different parameters from state dict 0 (architectures differ)")
+            raise ValueError(
+                f"state dict {i} has different parameters from state dict 0 (architectures differ)"
+            )
     out: dict[str, torch.Tensor] = {}
     for key in keys:
         tensors = [sd[key] for sd in state_dicts]

@@ -59,6 +59,11 @@ POSITIVE_FLOATS = ["beta", "dpo.module.beta", "sft.module.lr", "dpo.module.lr", 
 
 def validate_config(cfg: DictConfig) -> None:
     """Cheap structural checks before any compute; raises :class:`ConfigError`."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    if missing:
+        raise ConfigError(
+            f"missing mandatory value(s): {', '.join(missing)} (set them as overrides, e.g. {missing[0]}=...)"
+        )
     for field in POSITIVE_FLOATS:
         value = _get(cfg, field)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:

@@ -8,7 +8,9 @@ differs from the embedded default (a tiny GPT-2, oracle rewards): compare shapes
 
 from __future__ import annotations
 
-SOURCE = "Wang et al., MPO, arXiv 2502.18699 (ICML 2025), Table 1: HH-RLHF, Qwen2.5-7B, GPT-judged win rate (%)"
+SOURCE = (
+    "Wang et al., MPO, arXiv 2502.18699 (ICML 2025), Table 1: HH-RLHF, Qwen2.5-7B, GPT-judged win rate (%)"
+)
 OBJECTIVES = ("helpful", "harmless", "humorous")
 
 # (method, beta) -> win rate % per objective, in OBJECTIVES order

@@ -6,6 +6,7 @@ meter, the logger — and builds the shared stages lazily and at most once per c
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mpo_exp import tracking
-from mpo_exp.artifacts import Artifact, ArtifactStore
+from mpo_exp.artifacts import Artifact, ArtifactStore, config_key
 from mpo_exp.config import build_method, build_task
 from mpo_exp.cost import CostMeter, StageCost
 from mpo_exp.data import SequenceDataset
@@ -98,8 +99,17 @@ class RunContext:
         from mpo_exp.training.common import fit
 
         steps = int(stage_cfg.max_steps) if max_steps is None else max_steps
-        fit(module, dataset, collate, self._trainer, int(stage_cfg.batch_size), steps, self.meter, self.logger,
-            seed=self.seed)
+        fit(
+            module,
+            dataset,
+            collate,
+            self._trainer,
+            int(stage_cfg.batch_size),
+            steps,
+            self.meter,
+            self.logger,
+            seed=self.seed,
+        )
 
     # ---- shared stages ---------------------------------------------------------------------
     @cached_property
@@ -208,6 +218,19 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict:
     start = time.perf_counter()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    run_key = config_key(
+        {
+            k: _plain(v) if isinstance(v, DictConfig) else v
+            for k, v in cfg.items()
+            if k not in ("paths", "logger", "trainer")
+        }
+    )
+    previous = output_dir / "results.json"
+    if cfg.get("resume", True) and previous.exists():
+        done = json.loads(previous.read_text())
+        if done.get("run_key") == run_key:
+            log.info("job already complete (%s); skipping — set resume=false to run it again", previous)
+            return done
     method: Method = build_method(cfg)
     logger = tracking.build_logger(cfg, method.name, output_dir)
     try:
@@ -248,9 +271,12 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict:
             "cost": ctx.meter.as_dict(),
             "cost_summary": {
                 "post_processing": ctx.meter.total(out.own_stages).as_dict() if out.own_stages else None,
-                "total": ctx.meter.total(out.total_stages or ("preferences", "dpo/", *out.own_stages)).as_dict(),
+                "total": ctx.meter.total(
+                    out.total_stages or ("preferences", "dpo/", *out.own_stages)
+                ).as_dict(),
             },
             "artifacts": dict(ctx.keys),
+            "run_key": run_key,
             "examples": examples,
             "wall_s_this_run": time.perf_counter() - start,
             **out.extras,

@@ -28,13 +28,29 @@ log = logging.getLogger("mpo_exp.report")
 REQUIRED = ("objectives", "policies", "cost", "seed", "beta", "method", "method_policies")
 
 # display order and names: single-objective policies first, MPO last (as in the paper)
-ORDER = ["pi_ref", "pi_", "uniform_mix", "fixed_mix", "reward_soup", "weighted_reward_soup", "maxmin_rlhf",
-         "morlhf", "mpo_without", "mpo"]
+ORDER = [
+    "pi_ref",
+    "pi_",
+    "uniform_mix",
+    "fixed_mix",
+    "reward_soup",
+    "weighted_reward_soup",
+    "maxmin_rlhf",
+    "morlhf",
+    "mpo_without",
+    "mpo",
+]
 PRETTY = {
-    "pi_ref": "π_ref", "uniform_mix": "Uniform mixing", "reward_soup": "Reward Soups",
-    "weighted_reward_soup": "Weighted RS", "maxmin_rlhf_group_min": "MaxMin-RLHF (group-min)",
-    "maxmin_rlhf_sample_min": "MaxMin-RLHF (sample-min)", "maxmin_rlhf_group_min_em": "MaxMin-RLHF (group-min, EM)",
-    "maxmin_rlhf_sample_min_em": "MaxMin-RLHF (sample-min, EM)", "morlhf": "MORLHF (uniform w)", "mpo": "MPO",
+    "pi_ref": "π_ref",
+    "uniform_mix": "Uniform mixing",
+    "reward_soup": "Reward Soups",
+    "weighted_reward_soup": "Weighted RS",
+    "maxmin_rlhf_group_min": "MaxMin-RLHF (group-min)",
+    "maxmin_rlhf_sample_min": "MaxMin-RLHF (sample-min)",
+    "maxmin_rlhf_group_min_em": "MaxMin-RLHF (group-min, EM)",
+    "maxmin_rlhf_sample_min_em": "MaxMin-RLHF (sample-min, EM)",
+    "morlhf": "MORLHF (uniform w)",
+    "mpo": "MPO",
 }
 
 
@@ -44,13 +60,17 @@ def pretty(name: str) -> str:
     if name.startswith("pi_"):
         return "π_" + name[3:]
     if name.startswith("mpo_without_"):
-        return "MPO w/o π_" + name[len("mpo_without_"):]
+        return "MPO w/o π_" + name[len("mpo_without_") :]
     return name
 
 
 def order_key(name: str) -> tuple[int, str]:
     for i, prefix in enumerate(ORDER):
-        if name == prefix or (prefix.endswith("_") and name.startswith(prefix)) or name.startswith(prefix + "_"):
+        if (
+            name == prefix
+            or (prefix.endswith("_") and name.startswith(prefix))
+            or name.startswith(prefix + "_")
+        ):
             return (i, name)
     return (len(ORDER), name)
 
@@ -66,7 +86,9 @@ class Sweep:
 def load_sweep(root: str | os.PathLike) -> Sweep:
     root = Path(root)
     runs, skipped = [], []
-    job_dirs = sorted({p.parent for p in root.rglob(".hydra")} | {p.parent for p in root.rglob("results.json")})
+    job_dirs = sorted(
+        {p.parent for p in root.rglob(".hydra")} | {p.parent for p in root.rglob("results.json")}
+    )
     for job in job_dirs:
         path = job / "results.json"
         if not path.exists():
@@ -106,7 +128,7 @@ def fmt(m: float, s: float, scale: float = 100.0, digits: int = 1) -> str:
 
 # ---- Table 1 ------------------------------------------------------------------------------------
 def table1(runs: list[dict]) -> tuple[list[str], list[dict]]:
-    """Rows of mean/std win rates (in %) per (beta, policy); fixed-weight sweep rows are left to the Pareto plot."""
+    """Mean/std win rates per (beta, policy); fixed-weight sweep rows are left to the Pareto plot."""
     objectives = runs[0]["objectives"]
     records = policy_records(runs)
     rows = []
@@ -135,7 +157,11 @@ def table1_markdown(objectives: list[str], rows: list[dict], paper: bool = False
         for r in (r for r in rows if r["beta"] == beta):
             cells = [f"{beta:g}", pretty(r["policy"]), *[fmt(*r[o]) for o in objectives]]
             mn = fmt(*r["min"])
-            cells += [f"**{mn}**" if r["policy"] == best else mn, fmt(*r["min_z"], scale=1, digits=2), str(r["seeds"])]
+            cells += [
+                f"**{mn}**" if r["policy"] == best else mn,
+                fmt(*r["min_z"], scale=1, digits=2),
+                str(r["seeds"]),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     if paper:
@@ -145,8 +171,12 @@ def table1_markdown(objectives: list[str], rows: list[dict], paper: bool = False
 
 def table1_latex(objectives: list[str], rows: list[dict]) -> str:
     cols = "ll" + "c" * (len(objectives) + 1)
-    out = [f"\\begin{{tabular}}{{{cols}}}", "\\toprule",
-           "$\\beta$ & Method & " + " & ".join(o.capitalize() for o in objectives) + " & Min \\\\", "\\midrule"]
+    out = [
+        f"\\begin{{tabular}}{{{cols}}}",
+        "\\toprule",
+        "$\\beta$ & Method & " + " & ".join(o.capitalize() for o in objectives) + " & Min \\\\",
+        "\\midrule",
+    ]
     for beta in sorted({r["beta"] for r in rows}):
         best = best_min(rows, beta)
         for r in (r for r in rows if r["beta"] == beta):
@@ -169,20 +199,46 @@ def latex_name(name: str) -> str:
 def table1_csv(objectives: list[str], rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["beta", "policy", *[f"{o}_{s}" for o in objectives for s in ("mean", "std")], "min_mean", "min_std",
-                "worst_z_mean", "worst_z_std", "seeds"])
+    w.writerow(
+        [
+            "beta",
+            "policy",
+            *[f"{o}_{s}" for o in objectives for s in ("mean", "std")],
+            "min_mean",
+            "min_std",
+            "worst_z_mean",
+            "worst_z_std",
+            "seeds",
+        ]
+    )
     for r in rows:
-        w.writerow([r["beta"], r["policy"], *[v for o in objectives for v in r[o]], *r["min"], *r["min_z"], r["seeds"]])
+        w.writerow(
+            [
+                r["beta"],
+                r["policy"],
+                *[v for o in objectives for v in r[o]],
+                *r["min"],
+                *r["min_z"],
+                r["seeds"],
+            ]
+        )
     return buf.getvalue()
 
 
 def paper_table_markdown() -> str:
     from mpo_exp.paper import OBJECTIVES, SOURCE, TABLE1
 
-    lines = [f"Published numbers ({SOURCE}). Different models, data and judge: compare the pattern, not the values.",
-             "", "| β | method | " + " | ".join(OBJECTIVES) + " | min |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Published numbers ({SOURCE}).",
+        "Different models, data and judge: compare the pattern, not the values.",
+        "",
+        "| β | method | " + " | ".join(OBJECTIVES) + " | min |",
+        "|---|---|---|---|---|---|",
+    ]
     for (method, beta), wr in TABLE1.items():
-        lines.append(f"| {beta:g} | {pretty(method)} | " + " | ".join(f"{x:.1f}" for x in wr) + f" | {min(wr):.1f} |")
+        lines.append(
+            f"| {beta:g} | {pretty(method)} | " + " | ".join(f"{x:.1f}" for x in wr) + f" | {min(wr):.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -193,13 +249,18 @@ def ablation_markdown(runs: list[dict]) -> str | None:
     if not any(n.startswith("mpo_without_") for n in names):
         return None
     objectives = runs[0]["objectives"]
-    lines = ["| β | policy | " + " | ".join(f"z {o}" for o in objectives) + " |", "|" + "---|" * (len(objectives) + 2)]
+    lines = [
+        "| β | policy | " + " | ".join(f"z {o}" for o in objectives) + " |",
+        "|" + "---|" * (len(objectives) + 2),
+    ]
     for beta in sorted({b for (b, _) in records}):
         for n in names:
             by_seed = records.get((beta, n))
             if by_seed:
-                cells = [fmt(*mean_std([m["reward_z"][o] for m in by_seed.values()]), scale=1, digits=2)
-                         for o in objectives]
+                cells = [
+                    fmt(*mean_std([m["reward_z"][o] for m in by_seed.values()]), scale=1, digits=2)
+                    for o in objectives
+                ]
                 lines.append(f"| {beta:g} | {pretty(n)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -248,13 +309,17 @@ def cost_rows(runs: list[dict]) -> list[dict]:
 
 
 def cost_markdown(rows: list[dict]) -> str:
-    lines = ["| β | method | total wall s | total FLOPs | total tokens (fwd / bwd) | post-proc. wall s | "
-             "post-proc. FLOPs | FLOPs ÷ MPO | wall ÷ MPO |", "|" + "---|" * 9]
+    lines = [
+        "| β | method | total wall s | total FLOPs | total tokens (fwd / bwd) | post-proc. wall s | "
+        "post-proc. FLOPs | FLOPs ÷ MPO | wall ÷ MPO |",
+        "|" + "---|" * 9,
+    ]
     for r in rows:
         lines.append(
             f"| {r['beta']:g} | {pretty(r['policy'])} | {r['total_wall_s']:.1f} | {r['total_flops']:.3g} | "
             f"{r['total_tokens_fwd']:.3g} / {r['total_tokens_bwd']:.3g} | {r['post_wall_s']:.1f} | "
-            f"{r['post_flops']:.3g} | {r['total_flops_vs_mpo']:.2f} | {r['total_wall_s_vs_mpo']:.2f} |")
+            f"{r['post_flops']:.3g} | {r['total_flops_vs_mpo']:.2f} | {r['total_wall_s_vs_mpo']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -273,13 +338,15 @@ def make_plots(runs: list[dict], rows: list[dict], costs: list[dict], out: Path)
         width = 0.8 / len(objectives)
         for j, o in enumerate(objectives):
             xs = [i + j * width for i in range(len(sel))]
-            ax.bar(xs, [r[o][0] * 100 for r in sel], width, yerr=[r[o][1] * 100 for r in sel], label=o, capsize=2)
+            ax.bar(
+                xs, [r[o][0] * 100 for r in sel], width, yerr=[r[o][1] * 100 for r in sel], label=o, capsize=2
+            )
         ax.axhline(50, color="grey", lw=0.8, ls="--")
         ax.set_xticks([i + width * (len(objectives) - 1) / 2 for i in range(len(sel))])
         ax.set_xticklabels([pretty(r["policy"]) for r in sel], rotation=30, ha="right")
         ax.set_ylabel("win rate vs π_ref (%)")
         ax.set_title(f"Per-objective win rate, β={beta:g}")
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
         written.append(_save(fig, out / f"bars_beta{beta:g}.png"))
 
@@ -289,11 +356,14 @@ def make_plots(runs: list[dict], rows: list[dict], costs: list[dict], out: Path)
         for res in mpo_runs:
             traj, names = res["bsmd"]["trajectory"], res["bsmd"]["objectives"]
             for k, name in enumerate(names):
-                ax.plot(res["bsmd"]["step"], [t[k] for t in traj], color=f"C{objectives.index(name)}", alpha=0.7,
-                        label=name if res is mpo_runs[0] else None)
+                series = [t[k] for t in traj]
+                running = [sum(series[: i + 1]) / (i + 1) for i in range(len(series))]
+                color = f"C{objectives.index(name)}"
+                ax.plot(res["bsmd"]["step"], series, color=color, alpha=0.25)
+                ax.plot(res["bsmd"]["step"], running, color=color, label=name if res is mpo_runs[0] else None)
         ax.set_xlabel("BSMD step")
         ax.set_ylabel("λ")
-        ax.set_title("MPO weights over mirror-descent steps (one line per run)")
+        ax.set_title("MPO λ over mirror-descent steps (faint: iterates; solid: running average)")
         ax.legend()
         fig.tight_layout()
         written.append(_save(fig, out / "lambda_trajectory.png"))
@@ -301,8 +371,12 @@ def make_plots(runs: list[dict], rows: list[dict], costs: list[dict], out: Path)
     if costs:
         fig, ax = plt.subplots(figsize=(6, 4))
         for i, r in enumerate(costs):
-            ax.scatter(r["total_flops"], r["min_win_rate"] * 100, color=f"C{i % 10}",
-                       label=f"{pretty(r['policy'])} (β={r['beta']:g})")
+            ax.scatter(
+                r["total_flops"],
+                r["min_win_rate"] * 100,
+                color=f"C{i % 10}",
+                label=f"{pretty(r['policy'])} (β={r['beta']:g})",
+            )
         ax.set_xscale("log")
         ax.set_xlabel("total FLOPs beyond π_ref (log)")
         ax.set_ylabel("min win rate vs π_ref (%)")
@@ -311,20 +385,34 @@ def make_plots(runs: list[dict], rows: list[dict], costs: list[dict], out: Path)
         fig.tight_layout()
         written.append(_save(fig, out / "min_win_vs_cost.png"))
 
-    sweep_rows = [(res, name) for res in runs for name in res["method_policies"]
-                  if name.startswith(("fixed_mix", "morlhf"))]
+    sweep_rows = [
+        (res, name)
+        for res in runs
+        for name in res["method_policies"]
+        if name.startswith(("fixed_mix", "morlhf"))
+    ]
     if len(sweep_rows) > 2 and len(objectives) >= 2:
-        pairs = [(a, b) for i, a in enumerate(objectives) for b in objectives[i + 1:]]
+        pairs = [(a, b) for i, a in enumerate(objectives) for b in objectives[i + 1 :]]
         fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 4), squeeze=False)
         for ax, (a, b) in zip(axes[0], pairs, strict=True):
             for family, marker in (("fixed_mix", "o"), ("morlhf", "s")):
-                pts = [(res["policies"][n]["win_rate"][a], res["policies"][n]["win_rate"][b])
-                       for res, n in sweep_rows if n.startswith(family)]
+                pts = [
+                    (res["policies"][n]["win_rate"][a], res["policies"][n]["win_rate"][b])
+                    for res, n in sweep_rows
+                    if n.startswith(family)
+                ]
                 if pts:
-                    ax.scatter(*zip(*pts, strict=True), marker=marker, alpha=0.7,
-                               label="fixed-weight mixing" if family == "fixed_mix" else "MORLHF")
-            mpo = [(res["policies"]["mpo"]["win_rate"][a], res["policies"]["mpo"]["win_rate"][b])
-                   for res in runs if "mpo" in res["policies"]]
+                    ax.scatter(
+                        *zip(*pts, strict=True),
+                        marker=marker,
+                        alpha=0.7,
+                        label="fixed-weight mixing" if family == "fixed_mix" else "MORLHF",
+                    )
+            mpo = [
+                (res["policies"]["mpo"]["win_rate"][a], res["policies"]["mpo"]["win_rate"][b])
+                for res in runs
+                if "mpo" in res["policies"]
+            ]
             if mpo:
                 ax.scatter(*zip(*mpo, strict=True), marker="*", s=200, color="red", label="MPO")
             ax.set_xlabel(f"win rate {a}")
@@ -365,24 +453,50 @@ def build_report(root: str | os.PathLike, paper: bool = False, plots: bool = Tru
     parts = ["# Sweep report", "", f"{len(sweep.runs)} runs read from `{out}`."]
     if sweep.skipped:
         parts += ["", "Skipped:"] + [f"- `{p}`: {why}" for p, why in sweep.skipped]
-    parts += ["", "## Table 1: win rate vs π_ref (%), mean ± std over seeds", "", md, "", "## Cost", "", cost_md]
+    parts += [
+        "",
+        "## Table 1: win rate vs π_ref (%), mean ± std over seeds",
+        "",
+        md,
+        "",
+        "## Cost",
+        "",
+        cost_md,
+    ]
     if ablation:
         parts += ["", "## Leave-one-out ablation (z-normalised reward)", "", ablation]
     parts += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images]
     (out / "report.md").write_text("\n".join(parts) + "\n")
-    return {"runs": sweep.runs, "skipped": sweep.skipped, "table1": md, "cost": cost_md, "ablation": ablation,
-            "images": images, "rows": rows, "costs": costs}
+    return {
+        "runs": sweep.runs,
+        "skipped": sweep.skipped,
+        "table1": md,
+        "cost": cost_md,
+        "ablation": ablation,
+        "images": images,
+        "rows": rows,
+        "costs": costs,
+    }
 
 
 def log_to_wandb(report: dict, root: Path, mode: str) -> None:
     import wandb
 
-    run = wandb.init(project="mpo-exp", name=f"report-{root.name}", group=root.name, job_type="report",
-                     mode=mode, dir=str(root))
+    run = wandb.init(
+        project="mpo-exp",
+        name=f"report-{root.name}",
+        group=root.name,
+        job_type="report",
+        mode=mode,
+        dir=str(root),
+    )
     try:
         objectives = report["runs"][0]["objectives"]
         cols = ["beta", "policy", *objectives, "min", "seeds"]
-        data = [[r["beta"], r["policy"], *[r[o][0] for o in objectives], r["min"][0], r["seeds"]] for r in report["rows"]]
+        data = [
+            [r["beta"], r["policy"], *[r[o][0] for o in objectives], r["min"][0], r["seeds"]]
+            for r in report["rows"]
+        ]
         run.log({"table1": wandb.Table(columns=cols, data=data)})
         run.log({p.stem: wandb.Image(str(p)) for p in report["images"]})
     finally:
@@ -390,12 +504,20 @@ def log_to_wandb(report: dict, root: Path, mode: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("sweep_dir", help="a Hydra multirun directory (or any folder of run directories)")
-    parser.add_argument("--paper", action="store_true", help="print the paper's published Table 1 beside ours")
+    parser.add_argument(
+        "--paper", action="store_true", help="print the paper's published Table 1 beside ours"
+    )
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--wandb", choices=["disabled", "offline", "online"], default="disabled",
-                        help="also log tables and plots to wandb (default: disabled)")
+    parser.add_argument(
+        "--wandb",
+        choices=["disabled", "offline", "online"],
+        default="disabled",
+        help="also log tables and plots to wandb (default: disabled)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     report = build_report(args.sweep_dir, paper=args.paper, plots=not args.no_plots)

@@ -68,8 +68,10 @@ def test_aggregations():
     torch.testing.assert_close(sample_min(r), torch.tensor([-2.0, -1.0]))
     scores, k = group_min(r)  # column means 2, -1, -0.25 -> objective 1 is the worst served
     assert k == 1 and torch.equal(scores, r[:, 1])
-    torch.testing.assert_close(normalise(r, [1.0, 0.0, 0.0], [2.0, 1.0, 0.5], "zscore"),
-                               torch.tensor([[0.0, -2.0, 1.0], [1.0, 0.0, -2.0]]))
+    torch.testing.assert_close(
+        normalise(r, [1.0, 0.0, 0.0], [2.0, 1.0, 0.5], "zscore"),
+        torch.tensor([[0.0, -2.0, 1.0], [1.0, 0.0, -2.0]]),
+    )
     assert torch.equal(normalise(r, [9, 9, 9], [9, 9, 9], "none"), r)
     with pytest.raises(ValueError, match="normalization"):
         normalise(r, [0] * 3, [1] * 3, "rank")
@@ -83,7 +85,10 @@ def test_group_min_follows_the_worst_objective_across_batches():
 
     agg = RewardAggregator([Fixed(0), Fixed(0)], ["a", "b"], [0, 0], [1, 1], "group_min")
     agg.per_objective = lambda batch: batch  # reward models replaced by a fixed table
-    for table, worst in [(torch.tensor([[0.0, 1.0], [0.0, 1.0]]), 0), (torch.tensor([[2.0, 1.0], [2.0, -1.0]]), 1)]:
+    for table, worst in [
+        (torch.tensor([[0.0, 1.0], [0.0, 1.0]]), 0),
+        (torch.tensor([[2.0, 1.0], [2.0, -1.0]]), 1),
+    ]:
         scores, info = agg(table)
         assert info["group"] == worst and torch.equal(scores, table[:, worst])
     assert agg.group_counts == [1, 1]
@@ -118,7 +123,10 @@ def test_em_recovers_synthetic_user_groups():
     truth = [u % k for u in range(n_users)]
     data = []
     for u in range(n_users):
-        x_a, x_b = torch.randn(pairs_per_user, dim, generator=g), torch.randn(pairs_per_user, dim, generator=g)
+        x_a, x_b = (
+            torch.randn(pairs_per_user, dim, generator=g),
+            torch.randn(pairs_per_user, dim, generator=g),
+        )
         p = torch.sigmoid((x_a - x_b) @ directions[truth[u]])
         a_wins = torch.rand(pairs_per_user, generator=g) < p
         chosen = torch.where(a_wins.unsqueeze(-1), x_a, x_b)

@@ -20,8 +20,12 @@ GROUPS = {p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(CONF_DI
 )
 def test_every_config_option_composes(override):
     cfg = compose_config([override, "paths.output_dir=/tmp/x"])
-    assert cfg.task.objectives
-    if not override.startswith("model=hf"):
+    if override in ("model=hf", "task=hf"):  # their hub names are mandatory (???): the error names them
+        with pytest.raises(
+            ConfigError, match=r"missing mandatory value\(s\): .*(model.name_or_path|task.dataset)"
+        ):
+            validate_config(cfg)
+    else:
         validate_config(cfg)
 
 

@@ -107,8 +107,17 @@ def test_cli_reports_bad_field(tmp_path):
         ("morlhf", [], ["morlhf"]),
         ("morlhf", ["rl=rloo", "method.normalization=none"], ["morlhf"]),
         ("maxmin_rlhf", [], ["maxmin_rlhf_group_min", "maxmin_rlhf_sample_min"]),
-        ("maxmin_rlhf", ["method.variants=[group_min]", "method.groups=em", "method.em.users=6",
-                         "method.em.iterations=2", "method.em.rm_steps=2"], ["maxmin_rlhf_group_min_em"]),
+        (
+            "maxmin_rlhf",
+            [
+                "method.variants=[group_min]",
+                "method.groups=em",
+                "method.em.users=6",
+                "method.em.iterations=2",
+                "method.em.rm_steps=2",
+            ],
+            ["maxmin_rlhf_group_min_em"],
+        ),
         ("reward_soups", [], ["reward_soup", "weighted_reward_soup"]),
     ],
 )
@@ -116,7 +125,14 @@ def test_baseline_methods_write_the_same_results(smoke_cfg, tmp_path, method, ex
     res = run_pipeline(smoke_cfg(f"method={method}", *extra), tmp_path / method)
     assert res["method"] == method and res["method_policies"] == rows
     for row in rows + ["pi_ref", "uniform_mix"]:
-        assert set(res["policies"][row]) == {"reward", "reward_z", "min_reward_z", "win_rate", "min_win_rate", "kl"}
+        assert set(res["policies"][row]) == {
+            "reward",
+            "reward_z",
+            "min_reward_z",
+            "win_rate",
+            "min_win_rate",
+            "kl",
+        }
     total = res["cost_summary"]["total"]
     if method == "reward_soups":
         assert res["cost"]["soup/reward_soup"]["tokens_bwd"] == 0
@@ -125,8 +141,9 @@ def test_baseline_methods_write_the_same_results(smoke_cfg, tmp_path, method, ex
         assert "dpo/helpful" in res["cost"]  # computed for the table, but not part of the method's cost
         rl = [s for s in res["cost"] if s.startswith("rl/")]
         assert len(rl) == len(rows) and all(res["cost"][s]["tokens_bwd"] > 0 for s in rl)
-        assert total["flops"] == pytest.approx(sum(c["flops"] for s, c in res["cost"].items()
-                                                   if s.startswith(("preferences", "rm/", "rl/"))))
+        assert total["flops"] == pytest.approx(
+            sum(c["flops"] for s, c in res["cost"].items() if s.startswith(("preferences", "rm/", "rl/")))
+        )
         assert set(res["rl_history"]) == set(rows)
     if "em" in res:
         assert 0 < res["em"]["purity"] <= 1
@@ -137,11 +154,74 @@ def test_multirun_sweep_shares_artifacts_and_reports(tmp_path):
     from mpo_exp.report import build_report
 
     sweep = tmp_path / "sweep"
-    out = _cli(["-m", "experiment=smoke", "logger=none", "seed=0", "method=mpo,fixed_mix",
-                f"hydra.sweep.dir={sweep}", "trainer.enable_progress_bar=false"], tmp_path)
+    out = _cli(
+        [
+            "-m",
+            "experiment=smoke",
+            "logger=none",
+            "seed=0",
+            "method=mpo,fixed_mix",
+            f"hydra.sweep.dir={sweep}",
+            "trainer.enable_progress_bar=false",
+        ],
+        tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     results = sorted(sweep.glob("*/results.json"))
     assert len(results) == 2  # one output dir per job
     assert "reusing cached dpo/helpful" in out.stdout + out.stderr  # the second job reuses the first's pi_k
     report = build_report(sweep)
     assert "MPO" in report["table1"] and (sweep / "table1.md").exists() and (sweep / "cost.md").exists()
+
+
+def test_a_finished_job_is_not_run_again(smoke_cfg, tmp_path):
+    cfg = smoke_cfg("method=fixed_mix")
+    first = run_pipeline(cfg, tmp_path / "job")
+    again = run_pipeline(cfg, tmp_path / "job")
+    assert again == json.loads(json.dumps(first))  # read back, not recomputed
+    changed = run_pipeline(smoke_cfg("method=fixed_mix", "eval.n_prompts=16"), tmp_path / "job")
+    assert changed["run_key"] != first["run_key"]  # a different config in the same dir runs
+    forced = run_pipeline(
+        smoke_cfg("method=fixed_mix", "eval.n_prompts=16", "resume=false"), tmp_path / "job"
+    )
+    assert forced["wall_s_this_run"] != changed["wall_s_this_run"]
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumes_and_reports_the_same(tmp_path):
+    import signal
+    import time
+
+    from mpo_exp.report import build_report
+
+    args = [
+        "-m",
+        "experiment=smoke",
+        "logger=none",
+        "method=mpo,fixed_mix",
+        "seed=0",
+        "trainer.enable_progress_bar=false",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MPO_EXP_CACHE": str(tmp_path / "cache")}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mpo_exp.cli", *args, f"hydra.sweep.dir={killed}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while not list(killed.glob("*/results.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished_before = {p.parent.name for p in killed.glob("*/results.json")}
+    assert len(finished_before) == 1
+    resumed = _cli([*args, f"hydra.sweep.dir={killed}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (resumed.stdout + resumed.stderr).count("job already complete") == len(finished_before)
+    clean = tmp_path / "clean"
+    assert _cli([*args, f"hydra.sweep.dir={clean}"], tmp_path).returncode == 0
+    assert build_report(killed, plots=False)["table1"] == build_report(clean, plots=False)["table1"]

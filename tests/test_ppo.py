@@ -25,12 +25,25 @@ def train(toy_task, estimator: str, beta: float, iterations: int = 25, seed: int
         hits = ((batch.response_ids == target) & batch.response_mask.bool()).float().sum(-1)
         return hits / batch.response_mask.sum(-1).clamp(min=1), {}
 
-    module = PPOModule(policy, MixedPolicy.single(ref.eval(), "ref"), reward_fn, beta=beta, max_new_tokens=8,
-                       estimator=estimator, lr=3e-3, rloo_k=4)
+    module = PPOModule(
+        policy,
+        MixedPolicy.single(ref.eval(), "ref"),
+        reward_fn,
+        beta=beta,
+        max_new_tokens=8,
+        estimator=estimator,
+        lr=3e-3,
+        rloo_k=4,
+    )
     prompts = encode_prompts(tok, toy_task.prompts("train", 32 * iterations, seed))
     loader = torch.utils.data.DataLoader(prompts, batch_size=32, collate_fn=prompt_collate)
-    trainer = pl.Trainer(max_steps=iterations * module.optimizer_steps_per_iteration, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=iterations * module.optimizer_steps_per_iteration,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, loader)
     return module.history
 

@@ -30,7 +30,9 @@ def check_simplex(weights: Sequence[float], field: str = "weights") -> None:
 
 
 def resolve_weights(
-    weights: Mapping[str, float] | Sequence[float] | None, objectives: Sequence[str], field: str = "method.weights"
+    weights: Mapping[str, float] | Sequence[float] | None,
+    objectives: Sequence[str],
+    field: str = "method.weights",
 ) -> list[float]:
     """User weights as a simplex vector in objective order: a {name: w} mapping, a list in objective
     order (convenient in Hydra sweeps: ``method.weights=[0.5,0.5,0],[1,0,0]``), or None for uniform."""
@@ -44,7 +46,9 @@ def resolve_weights(
     else:
         vector = [float(w) for w in weights]
         if len(vector) != len(objectives):
-            raise ValueError(f"{field} has {len(vector)} entries for {len(objectives)} objectives {list(objectives)}")
+            raise ValueError(
+                f"{field} has {len(vector)} entries for {len(objectives)} objectives {list(objectives)}"
+            )
     check_simplex(vector, field=field)
     return vector
 

@@ -91,9 +91,19 @@ class HFDatasetTask(Task):
             tok, model = self._reward_models[name]
             scores = []
             for s in range(0, len(prompts), self.reward_batch_size):
-                enc = tok([p + r for p, r in zip(prompts[s : s + self.reward_batch_size],
-                                                 responses[s : s + self.reward_batch_size], strict=True)],
-                          return_tensors="pt", padding=True, truncation=True)
+                enc = tok(
+                    [
+                        p + r
+                        for p, r in zip(
+                            prompts[s : s + self.reward_batch_size],
+                            responses[s : s + self.reward_batch_size],
+                            strict=True,
+                        )
+                    ],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                )
                 logits = model(**enc).logits
                 # a single-logit head is the reward; a two-class head (e.g. humor / no humor) gives P(class 1)
                 scores.append(logits[:, 0] if logits.shape[-1] == 1 else logits.softmax(-1)[:, 1])
