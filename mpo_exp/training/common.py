@@ -23,10 +23,6 @@ class PolicyModule(pl.LightningModule):
         self.meter: CostMeter | None = None
         self._n_params = n_params(model)
 
-    def on_train_start(self) -> None:
-        # models loaded with from_pretrained arrive in eval mode; Lightning keeps submodule modes
-        self.model.train()
-
     def charge(self, tokens: int, passes: int = 1, backward: bool = True) -> None:
         """Charge ``passes`` forward passes over ``tokens`` (and one backward if training)."""
         if self.meter is not None:
@@ -63,5 +59,6 @@ def fit(
         generator=torch.Generator().manual_seed(seed),
     )
     trainer = trainer_factory(max_steps=max_steps, max_epochs=-1, logger=logger if logger else False)
+    module.train()  # models loaded with from_pretrained arrive in eval mode; Lightning keeps submodule modes
     trainer.fit(module, train_dataloaders=loader)
     module.eval()
