@@ -369,19 +369,30 @@ def make_plots(runs: list[dict], rows: list[dict], costs: list[dict], out: Path)
         written.append(_save(fig, out / "lambda_trajectory.png"))
 
     if costs:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for i, r in enumerate(costs):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        methods = list(dict.fromkeys(r["policy"] for r in costs))
+        betas = sorted({r["beta"] for r in costs})
+        for r in costs:
             ax.scatter(
                 r["total_flops"],
                 r["min_win_rate"] * 100,
-                color=f"C{i % 10}",
-                label=f"{pretty(r['policy'])} (β={r['beta']:g})",
+                s=60,
+                color=f"C{methods.index(r['policy']) % 10}",
+                marker="osD^v"[betas.index(r["beta"]) % 5],
             )
-        ax.set_xscale("log")
-        ax.set_xlabel("total FLOPs beyond π_ref (log)")
+        for m in methods:
+            ax.scatter([], [], color=f"C{methods.index(m) % 10}", label=pretty(m))
+        for b in betas:
+            ax.scatter([], [], color="grey", marker="osD^v"[betas.index(b) % 5], label=f"β={b:g}")
+        flops = [r["total_flops"] for r in costs]
+        if max(flops) > 10 * min(flops):
+            ax.set_xscale("log")
+        else:
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+        ax.set_xlabel("total FLOPs beyond π_ref")
         ax.set_ylabel("min win rate vs π_ref (%)")
         ax.set_title("Balance vs cost")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
         written.append(_save(fig, out / "min_win_vs_cost.png"))
 
