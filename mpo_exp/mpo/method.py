@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,8 +16,10 @@ from mpo_exp.generation import encode_prompts, sample
 from mpo_exp.methods import Method, MethodOutput
 from mpo_exp.mpo.bsmd import solve_bsmd
 from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
-from mpo_exp.pipeline import RunContext  # noqa: TC001
 from mpo_exp.scoring import score_sequences
+
+if TYPE_CHECKING:
+    from mpo_exp.pipeline import RunContext
 
 log = logging.getLogger(__name__)
 
