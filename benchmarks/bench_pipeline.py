@@ -38,6 +38,32 @@ def bench_bsmd(n_prompts: int, samples: int, k: int, steps: int, repeats: int = 
     return {"shape": [n_prompts, samples, k], "steps": steps, "seconds": best, "updates_per_s": steps / best}
 
 
+def bench_decoding(n_prompts: int, k: int, max_new_tokens: int = 12) -> dict:
+    """Generated tokens per second: one policy vs the K-model mixed decoder (each keeps a KV cache)."""
+    import torch
+
+    from mpo_exp.generation import encode_prompts, sample
+    from mpo_exp.mpo.mixing import MixedPolicy
+    from mpo_exp.policies import TinyGPT2Spec
+    from mpo_exp.tasks.toy import ToyTask
+
+    task = ToyTask()
+    tok = task.build_tokenizer()
+    torch.manual_seed(0)
+    policies = [TinyGPT2Spec().build(tok) for _ in range(k)]
+    for i, p in enumerate(policies):
+        p.name = f"p{i}"
+    prompts = encode_prompts(tok, task.prompts("train", n_prompts, 0))
+    out = {}
+    for label, policy in (("single", MixedPolicy.single(policies[0])),
+                          (f"mixture_k{k}", MixedPolicy("mix", policies, [1 / k] * k))):
+        start = time.perf_counter()
+        batch = sample(policy, prompts, max_new_tokens)
+        seconds = time.perf_counter() - start
+        out[label] = {"seconds": seconds, "tokens_per_s": batch.n_response_tokens / seconds}
+    return out
+
+
 def bench_pipeline(tiny: bool) -> dict:
     from hydra import compose, initialize_config_dir
 
@@ -71,6 +97,7 @@ def main() -> None:
     steps = 500 if args.tiny else 5000
     report = {
         "bsmd": [bench_bsmd(64, 16, 3, steps), bench_bsmd(512, 64, 4, steps // 5)],
+        "decoding": bench_decoding(256 if args.tiny else 2048, k=3),
         "pipeline": bench_pipeline(args.tiny),
         "tiny": args.tiny,
     }
@@ -80,6 +107,9 @@ def main() -> None:
             f"  log-ratios {tuple(b['shape'])}: {b['updates_per_s']:,.0f} lambda-updates/s "
             f"({b['steps']} steps)"
         )
+    print("\nDecoding throughput (tiny GPT-2, CPU):")
+    for label, d in report["decoding"].items():
+        print(f"  {label:<12} {d['tokens_per_s']:>10,.0f} generated tokens/s")
     print(f"\nPipeline stages ({'tiny' if args.tiny else 'default'} config):")
     print(f"  {'stage':<24}{'wall s':>9}{'FLOPs':>12}{'tokens fwd':>12}{'tokens bwd':>12}")
     for name, c in report["pipeline"]["stages"].items():
