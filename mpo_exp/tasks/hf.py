@@ -7,8 +7,10 @@ composed and checked on a machine without network access or a GPU.
 
 from __future__ import annotations
 
+import json
 import random
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
@@ -42,17 +44,30 @@ class HFDatasetTask(Task):
         self.split_marker = split_marker
         self.reward_batch_size = reward_batch_size
 
-    def build_tokenizer(self):
+    def build_tokenizer(self) -> None:
         return None  # the policy model's own tokenizer
 
-    def _rows(self, split: str):
-        try:
-            from datasets import load_dataset
-        except ImportError as e:  # an optional dependency: only real-data presets need it
-            raise ImportError("task=hf needs the `datasets` package: pip install datasets") from e
+    @cached_property
+    def _cache(self) -> dict:
+        return {}
+
+    def _rows(self, split: str) -> list[dict]:
+        """Rows of a split: ``<dataset>/<split>.jsonl`` for a local folder, else ``datasets.load_dataset``."""
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r}; expected one of {sorted(self.splits)}")
-        return load_dataset(self.dataset, self.dataset_config, split=self.splits[split])
+        if split in self._cache:
+            return self._cache[split]
+        local = Path(self.dataset) / f"{self.splits[split]}.jsonl"
+        if local.exists():
+            rows = [json.loads(line) for line in local.read_text().splitlines() if line.strip()]
+        else:
+            try:
+                from datasets import load_dataset
+            except ImportError as e:  # an optional dependency: only hub data sets need it
+                raise ImportError("task=hf with a hub data set needs `datasets`: pip install datasets") from e
+            rows = load_dataset(self.dataset, self.dataset_config, split=self.splits[split])
+        self._cache[split] = rows
+        return rows
 
     def split_text(self, row: dict) -> tuple[str, str]:
         """(prompt, response) of one dataset row."""
