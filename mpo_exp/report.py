@@ -400,7 +400,7 @@ def make_plots(runs: list[dict], rows: list[dict], costs: list[dict], out: Path)
         (res, name)
         for res in runs
         for name in res["method_policies"]
-        if name.startswith(("fixed_mix", "morlhf"))
+        if name.startswith(("fixed_mix_", "morlhf_"))  # weight-sweep rows, not uniform MORLHF
     ]
     if len(sweep_rows) > 2 and len(objectives) >= 2:
         pairs = [(a, b) for i, a in enumerate(objectives) for b in objectives[i + 1 :]]
