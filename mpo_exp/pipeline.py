@@ -222,7 +222,7 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict:
         {
             k: _plain(v) if isinstance(v, DictConfig) else v
             for k, v in cfg.items()
-            if k not in ("paths", "logger", "trainer")
+            if k not in ("paths", "logger", "trainer", "resume")
         }
     )
     previous = output_dir / "results.json"
