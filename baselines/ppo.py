@@ -132,6 +132,7 @@ class PPOModule(pl.LightningModule):
         self.gamma, self.lam, self.whiten_scores, self.rloo_k = gamma, lam, whiten_scores, rloo_k
         self.max_grad_norm = max_grad_norm
         self.meter: CostMeter | None = None
+        self._n_params: dict[torch.nn.Module, int] = {}
         self.history: list[dict[str, float]] = []
 
     @property
@@ -148,9 +149,9 @@ class PPOModule(pl.LightningModule):
 
     def _charge(self, model: torch.nn.Module, tokens: int, backward: bool = False) -> None:
         if self.meter is not None:
-            self.meter.forward(n_params(model), tokens)
-            if backward:
-                self.meter.backward(n_params(model), tokens)
+            if model not in self._n_params:  # counted once, not on every minibatch
+                self._n_params[model] = n_params(model)
+            self.meter.charge(self._n_params[model], tokens, backward)
 
     # ---- rollout ---------------------------------------------------------------------------
     @torch.no_grad()

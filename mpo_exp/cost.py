@@ -68,6 +68,12 @@ class CostMeter:
             cost.tokens_bwd += int(tokens)
             cost.flops += 4.0 * n_parameters * int(tokens)
 
+    def charge(self, n_parameters: int, tokens: int, backward: bool = False) -> None:
+        """A forward pass over ``tokens``, plus its backward pass when training (6·N per token in all)."""
+        self.forward(n_parameters, tokens)
+        if backward:
+            self.backward(n_parameters, tokens)
+
     def record(self, name: str, cost: StageCost) -> None:
         """Attach a cost computed elsewhere (e.g. read back from a cached artifact)."""
         self.stages[name] = cost

@@ -48,7 +48,11 @@ def test_cost_meter_flops_and_stages():
     assert meter.stages["train"].tokens_bwd == 100
     assert meter.stages["score"].flops == 2 * n * 50
     assert meter.stages["train"].wall_s >= 0
+    with meter.stage("rl"):
+        meter.charge(n, 10, backward=True)
+        meter.charge(n, 10)
+    assert meter.stages["rl"].flops == 6 * n * 10 + 2 * n * 10 and meter.stages["rl"].tokens_bwd == 10
     meter.record("old", StageCost(wall_s=2.0, flops=1.0, reused=True))
     total = meter.total(("train", "old"))
     assert total.flops == 6 * n * 100 + 1 and total.wall_s >= 2.0
-    assert set(meter.as_dict()) == {"train", "score", "old"}
+    assert set(meter.as_dict()) == {"train", "score", "rl", "old"}

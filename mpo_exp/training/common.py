@@ -26,9 +26,7 @@ class PolicyModule(pl.LightningModule):
     def charge(self, tokens: int, passes: int = 1, backward: bool = True) -> None:
         """Charge ``passes`` forward passes over ``tokens`` (and one backward if training)."""
         if self.meter is not None:
-            self.meter.forward(self._n_params, passes * tokens)
-            if backward:
-                self.meter.backward(self._n_params, passes * tokens)
+            self.meter.charge(self._n_params, passes * tokens, backward)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
