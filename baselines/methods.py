@@ -156,31 +156,17 @@ def em_reward_models(
     pad = ctx.reference.tokenizer.pad_token_id
     truth = [u % k for u in range(users)]
     owner = torch.arange(len(pairs.a)) % users  # pair i is labelled by user owner[i]
-    datasets = []
-    for u in range(users):
-        idx = ((owner == u) & ~pairs.tie[:, truth[u]]).nonzero().squeeze(-1).tolist()
-        full = pairs.dataset(truth[u], pad, drop_ties=False)
-        datasets.append(
-            PreferenceDataset(
-                [full.prompts[i] for i in idx],
-                [full.chosen[i] for i in idx],
-                [full.rejected[i] for i in idx],
-                full.ref_chosen_logp[idx],
-                full.ref_rejected_logp[idx],
-                pad,
-            )
-        )
+    labelled = [
+        pairs.dataset(g, pad, drop_ties=False) for g in range(k)
+    ]  # every pair, labelled by objective g
+    datasets = [
+        labelled[truth[u]].subset(((owner == u) & ~pairs.tie[:, truth[u]]).nonzero().squeeze(-1).tolist())
+        for u in range(users)
+    ]
     cfg = ctx.cfg.reward_model
 
     def fit(members):
-        merged = PreferenceDataset(
-            [p for u in members for p in datasets[u].prompts],
-            [c for u in members for c in datasets[u].chosen],
-            [r for u in members for r in datasets[u].rejected],
-            torch.cat([datasets[u].ref_chosen_logp for u in members]),
-            torch.cat([datasets[u].ref_rejected_logp for u in members]),
-            pad,
-        )
+        merged = PreferenceDataset.concat([datasets[u] for u in members])
         model = load_reward_model(ctx.store.path("sft", ctx.keys["sft"]))
         ctx.fit(instantiate(cfg.module)(model=model), merged, merged.collate, cfg, max_steps=rm_steps)
         return model

@@ -102,18 +102,7 @@ def split_pairs(data: PreferenceDataset, heldout_fraction: float, seed: int) -> 
     n = len(data)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     cut = n - int(round(heldout_fraction * n))
-
-    def subset(idx: list[int]) -> PreferenceDataset:
-        return PreferenceDataset(
-            [data.prompts[i] for i in idx],
-            [data.chosen[i] for i in idx],
-            [data.rejected[i] for i in idx],
-            data.ref_chosen_logp[idx],
-            data.ref_rejected_logp[idx],
-            data.pad_id,
-        )
-
-    return subset(perm[:cut]), subset(perm[cut:])
+    return data.subset(perm[:cut]), data.subset(perm[cut:])
 
 
 def reward_models(ctx: RunContext) -> dict[str, RewardModel]:

@@ -139,6 +139,28 @@ class PreferenceDataset(Dataset):
     def __getitem__(self, i: int) -> int:
         return i
 
+    def subset(self, idx: Sequence[int]) -> PreferenceDataset:
+        idx = list(idx)
+        return PreferenceDataset(
+            [self.prompts[i] for i in idx],
+            [self.chosen[i] for i in idx],
+            [self.rejected[i] for i in idx],
+            self.ref_chosen_logp[idx],
+            self.ref_rejected_logp[idx],
+            self.pad_id,
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[PreferenceDataset]) -> PreferenceDataset:
+        return PreferenceDataset(
+            [p for d in parts for p in d.prompts],
+            [c for d in parts for c in d.chosen],
+            [r for d in parts for r in d.rejected],
+            torch.cat([d.ref_chosen_logp for d in parts]),
+            torch.cat([d.ref_rejected_logp for d in parts]),
+            parts[0].pad_id,
+        )
+
     def collate(self, idx: list[int]) -> PreferenceBatch:
         prompts = [self.prompts[i] for i in idx]
         return PreferenceBatch(

@@ -102,3 +102,22 @@ def test_pad_handles_empty_sequences():
     ids, mask = pad([[], [1, 2]], pad_id=9, left=True)
     assert ids.tolist() == [[9, 9], [1, 2]] and mask.tolist() == [[0, 0], [1, 1]]
     assert isinstance(collate([[1]], [[2]], 0), SequenceBatch)
+
+
+def test_preference_dataset_subset_and_concat():
+    from mpo_exp.data import PreferenceDataset
+
+    d = PreferenceDataset(
+        [[1], [2], [3]],
+        [[4], [5], [6]],
+        [[7], [8], [9]],
+        torch.tensor([0.1, 0.2, 0.3]),
+        torch.tensor([1.0, 2.0, 3.0]),
+        pad_id=0,
+    )
+    s = d.subset([2, 0])
+    assert s.prompts == [[3], [1]] and s.chosen == [[6], [4]] and s.rejected == [[9], [7]]
+    torch.testing.assert_close(s.ref_rejected_logp, torch.tensor([3.0, 1.0]))
+    both = PreferenceDataset.concat([s, d.subset([1])])
+    assert both.prompts == [[3], [1], [2]] and len(both) == 3
+    torch.testing.assert_close(both.ref_chosen_logp, torch.tensor([0.3, 0.1, 0.2]))
