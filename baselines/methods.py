@@ -19,8 +19,8 @@ from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
 from mpo_exp.policies import Policy
 
 if TYPE_CHECKING:
+    from mpo_exp.context import RunContext
     from mpo_exp.mpo.method import MPOMethod
-    from mpo_exp.pipeline import RunContext
 
 log = logging.getLogger(__name__)
 

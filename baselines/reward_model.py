@@ -22,7 +22,7 @@ from mpo_exp.data import PreferenceBatch, PreferenceDataset, SequenceBatch
 from mpo_exp.training.common import PolicyModule
 
 if TYPE_CHECKING:
-    from mpo_exp.pipeline import RunContext
+    from mpo_exp.context import RunContext
 
 log = logging.getLogger(__name__)
 

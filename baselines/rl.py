@@ -15,7 +15,7 @@ from mpo_exp.generation import encode_prompts
 from mpo_exp.policies import Policy, load_policy, save_policy
 
 if TYPE_CHECKING:
-    from mpo_exp.pipeline import RunContext
+    from mpo_exp.context import RunContext
 
 log = logging.getLogger(__name__)
 

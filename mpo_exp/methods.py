@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from mpo_exp.mpo.mixing import MixedPolicy
 
 if TYPE_CHECKING:
-    from mpo_exp.pipeline import RunContext
+    from mpo_exp.context import RunContext
 
 
 @dataclass

@@ -1,216 +1,24 @@
-"""The run: shared stages (pi_ref, preference pairs, pi_k) -> method -> evaluation -> results.
-
-:class:`RunContext` owns what every method shares — the task, the artifact cache, the cost
-meter, the logger — and builds the shared stages lazily and at most once per config.
-"""
+"""The run: shared stages (pi_ref, preference pairs, pi_k) -> method -> evaluation -> results."""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections.abc import Callable
-from functools import cached_property
 from pathlib import Path
 
-import pytorch_lightning as pl
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mpo_exp import tracking
-from mpo_exp.artifacts import Artifact, ArtifactStore, config_key
-from mpo_exp.config import build_method, build_task
-from mpo_exp.cost import CostMeter, StageCost
-from mpo_exp.data import SequenceDataset
+from mpo_exp.artifacts import config_key
+from mpo_exp.config import build_method
+from mpo_exp.context import RunContext, to_plain
 from mpo_exp.evaluation import Evaluator
-from mpo_exp.generation import encode_prompts
 from mpo_exp.methods import Method
 from mpo_exp.mpo.mixing import MixedPolicy
-from mpo_exp.policies import Policy, load_policy, save_policy
-from mpo_exp.preferences import PairSet, build_pairs
 from mpo_exp.results import write_results
 
 log = logging.getLogger(__name__)
-
-
-def _plain(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
-
-
-class RunContext:
-    def __init__(self, cfg: DictConfig, output_dir: str | Path, logger=None) -> None:
-        self.cfg = cfg
-        self.seed: int = int(cfg.seed)
-        self.beta: float = float(cfg.beta)
-        self.output_dir = Path(output_dir)
-        self.task = build_task(cfg)
-        self.store = ArtifactStore(cfg.paths.cache_dir)
-        self.meter = CostMeter()
-        self.logger = logger
-        self.batch_size: int = int(cfg.inference_batch_size)
-        self.keys: dict[str, str] = {}
-        self.memo: dict[str, object] = {}  # stages added by methods (e.g. reward models) memoise here
-        self._trainer = instantiate(cfg.trainer)
-
-    # ---- helpers ---------------------------------------------------------------------------
-    def reseed(self, offset: int) -> None:
-        """Each stage seeds itself, so a cached stage is reproducible whatever ran before it."""
-        pl.seed_everything(self.seed * 1000 + offset, workers=True, verbose=False)
-
-    def log_metrics(self, metrics: dict) -> None:
-        tracking.log_metrics(self.logger, metrics)
-
-    def cached_stage(
-        self,
-        name: str,
-        kind: str,
-        spec: dict,
-        build: Callable[[Path], None],
-        stages: tuple[str, ...] | None = None,
-    ) -> Artifact:
-        """Build (or reuse) an artifact; its cost is charged to ``stages`` (default: ``name``).
-
-        On reuse the cost recorded at build time is reported (flagged ``reused``), so a result's
-        cost columns do not depend on what happened to be cached.
-        """
-        stages = stages or (name,)
-
-        def run(tmp: Path) -> dict:
-            if stages == (name,):
-                with self.meter.stage(name):
-                    build(tmp)
-            else:
-                build(tmp)
-            return {"cost": {s: self.meter.stages[s].as_dict() for s in stages if s in self.meter.stages}}
-
-        art = self.store.get_or_build(kind, spec, run, label=name)
-        self.keys[name] = art.key
-        if art.reused:
-            for s, c in art.meta.get("cost", {}).items():
-                self.meter.record(s, StageCost(**{**c, "reused": True}))
-        return art
-
-    def plain(self, node) -> dict:
-        """A config node as a plain dict: the spec that keys an artifact."""
-        return _plain(node)
-
-    def fit(self, module, dataset, collate, stage_cfg, max_steps: int | None = None) -> None:
-        """Train a Lightning module with the run's trainer, logger, meter and seed."""
-        from mpo_exp.training.common import fit
-
-        steps = int(stage_cfg.max_steps) if max_steps is None else max_steps
-        fit(
-            module,
-            dataset,
-            collate,
-            self._trainer,
-            int(stage_cfg.batch_size),
-            steps,
-            self.meter,
-            self.logger,
-            seed=self.seed,
-        )
-
-    # ---- shared stages ---------------------------------------------------------------------
-    @cached_property
-    def model_spec(self):
-        return instantiate(self.cfg.model)
-
-    @cached_property
-    def tokenizer(self):
-        return self.task.build_tokenizer()
-
-    @cached_property
-    def reference(self) -> MixedPolicy:
-        """pi_ref: the SFT model, as a one-model mixed policy."""
-        cfg = self.cfg
-        spec = {
-            "task": _plain(cfg.task),
-            "model": _plain(cfg.model),
-            "sft": _plain(cfg.sft),
-            "seed": self.seed,
-        }
-
-        def build(tmp: Path) -> None:
-            self.reseed(1)
-            policy: Policy = self.model_spec.build(self.tokenizer)
-            tok = policy.tokenizer
-            corpus = self.task.corpus(int(cfg.sft.n_examples), self.seed)
-            prompts = encode_prompts(tok, [p for p, _ in corpus])
-            responses = [ids + [tok.eos_token_id] for ids in encode_prompts(tok, [r for _, r in corpus])]
-            data = SequenceDataset(prompts, responses, tok.pad_token_id)
-            model = self.model_spec.trainable(policy.model)
-            self.fit(instantiate(cfg.sft.module)(model=model), data, data.collate, cfg.sft)
-            policy.model = self.model_spec.mergeable(model)
-            save_policy(policy, tmp)
-
-        art = self.cached_stage("sft", "sft", spec, build)
-        return MixedPolicy.single(load_policy(art.path, name="pi_ref").eval(), name="pi_ref")
-
-    @cached_property
-    def pairs(self) -> PairSet:
-        """Two pi_ref samples per training prompt, labelled per objective."""
-        ref = self.reference
-        cfg = self.cfg.preferences
-        spec = {
-            "ref": self.keys["sft"],
-            "task": _plain(self.cfg.task),
-            "preferences": _plain(cfg),
-            "seed": self.seed,
-        }
-
-        def build(tmp: Path) -> None:
-            self.reseed(2)
-            build_pairs(
-                ref,
-                self.task,
-                int(cfg.n_prompts),
-                float(cfg.bt_temperature),
-                self.seed,
-                self.meter,
-                self.batch_size,
-            ).save(tmp)
-
-        art = self.cached_stage("preferences", "pairs", spec, build)
-        pairs = PairSet.load(art.path)
-        informative = (~pairs.tie).float().mean(0).tolist()
-        log.info(
-            "preference pairs: %d prompts; non-tied share per objective %s",
-            len(pairs.a),
-            dict(zip(self.task.objectives, [round(x, 3) for x in informative], strict=True)),
-        )
-        return pairs
-
-    @cached_property
-    def single_objective_policies(self) -> dict[str, Policy]:
-        """pi_k for every objective: DPO from pi_ref with the shared beta."""
-        ref = self.reference
-        pairs = self.pairs
-        cfg = self.cfg.dpo
-        out: dict[str, Policy] = {}
-        for k, objective in enumerate(self.task.objectives):
-            spec = {
-                "ref": self.keys["sft"],
-                "pairs": self.keys["preferences"],
-                "objective": objective,
-                "beta": self.beta,
-                "dpo": _plain(cfg),
-                "seed": self.seed,
-            }
-
-            def build(tmp: Path, k: int = k, objective: str = objective) -> None:
-                self.reseed(10 + k)
-                policy = load_policy(self.store.path("sft", self.keys["sft"]), name=objective)
-                data = pairs.dataset(k, ref.tokenizer.pad_token_id, drop_ties=bool(cfg.drop_ties))
-                log.info("DPO for '%s' on %d pairs (beta=%s)", objective, len(data), self.beta)
-                model = self.model_spec.trainable(policy.model)
-                self.fit(instantiate(cfg.module)(model=model, objective=objective), data, data.collate, cfg)
-                policy.model = self.model_spec.mergeable(model)
-                save_policy(policy, tmp)
-
-            art = self.cached_stage(f"dpo/{objective}", "dpo", spec, build)
-            out[objective] = load_policy(art.path, name=f"pi_{objective}").eval()
-        return out
 
 
 def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict:
@@ -220,7 +28,7 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     run_key = config_key(
         {
-            k: _plain(v) if isinstance(v, DictConfig) else v
+            k: to_plain(v) if isinstance(v, DictConfig) else v
             for k, v in cfg.items()
             if k not in ("paths", "logger", "trainer", "resume")
         }

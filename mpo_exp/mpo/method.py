@@ -19,7 +19,7 @@ from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
 from mpo_exp.scoring import score_sequences
 
 if TYPE_CHECKING:
-    from mpo_exp.pipeline import RunContext
+    from mpo_exp.context import RunContext
 
 log = logging.getLogger(__name__)
 
