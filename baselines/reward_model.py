@@ -19,6 +19,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from mpo_exp.cost import CostMeter, n_params
 from mpo_exp.data import PreferenceBatch, PreferenceDataset, SequenceBatch
+from mpo_exp.scoring import classifier_logits
 from mpo_exp.training.common import PolicyModule
 
 if TYPE_CHECKING:
@@ -33,11 +34,8 @@ def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 
 
 def rm_scores(model: PreTrainedModel, batch: SequenceBatch) -> torch.Tensor:
-    """Scalar reward per sequence (the head's output at the last real token): (B,)."""
-    out = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-    )
-    return out.logits[:, 0].float()
+    """Scalar reward per sequence, read at its last real token whatever the batch's padding: (B,)."""
+    return classifier_logits(model, batch.input_ids, batch.attention_mask)[:, 0]
 
 
 @torch.no_grad()
@@ -82,8 +80,11 @@ def pairwise_accuracy(
 
 
 def load_reward_model(path: str | Path) -> PreTrainedModel:
+    """A one-logit sequence classifier; its scores are read by :func:`rm_scores`, which does not
+    depend on ``config.pad_token_id`` (set here only so HF's own forward accepts batches)."""
     model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1)
-    model.config.pad_token_id = model.config.pad_token_id or model.config.eos_token_id
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
     return model.eval()
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mpo_exp.cost import CostMeter, n_params
-from mpo_exp.data import SequenceBatch
+from mpo_exp.data import SequenceBatch, position_ids_from_mask
 
 
 def response_logits(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
@@ -77,3 +77,37 @@ def score_sequences(
                 if w != 0:
                     meter.forward(n_params(m), chunk.n_tokens)
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def right_pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move every row's real tokens to the front (order kept), padding after them.
+
+    Any layout (left-, right- or prompt-left/response-right-padded) maps to the same packed rows,
+    so what a model reads from them cannot depend on how a batch happened to be padded.
+    """
+    order = torch.sort((attention_mask == 0).int(), dim=1, stable=True).indices
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
+def classifier_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """A sequence classifier's logits for each row, read at the row's last real token: (B, C).
+
+    HF's decoder classifiers (GPT-2, Llama, Qwen ``...ForSequenceClassification``) pool at the
+    rightmost token that differs from ``config.pad_token_id``. When padding reuses EOS, or a
+    response ends in the pad token, that is the wrong token, and which one depends on the other
+    rows of the batch. So for models with a ``score`` head we run the backbone and the head
+    ourselves and gather at the last position the attention mask marks. Encoder classifiers
+    (BERT-style, pooled at the first token) read the right-packed rows with their own pooling.
+    """
+    ids, mask = right_pack(input_ids, attention_mask)
+    last = (mask.sum(-1) - 1).clamp(min=0)
+    if hasattr(model, "score") and getattr(model, "base_model", model) is not model:
+        out = model.base_model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+        )
+        hidden = out[0]
+        hidden = hidden[torch.arange(len(ids), device=hidden.device), last]
+        return model.score(hidden).float()
+    return model(input_ids=ids, attention_mask=mask).logits.float()
