@@ -1,9 +1,8 @@
 """How K reward-model scores become the one scalar that RL maximises.
 
-Scores are first normalised per objective (``normalization``): ``zscore`` subtracts the reward
-model's mean and divides by its std on pi_ref's own samples, so objectives on different scales
-are summed / compared in the same units; ``none`` uses the raw scores (peers often do this
-silently, which lets the largest-scale reward model dominate).
+Scores are first normalised per objective by a fitted :class:`~baselines.normalization.Normalizer`
+(default: the paper's operator P(r), a shift that keeps the Bradley–Terry scale; see
+:mod:`baselines.normalization` for why, and for the ``zscore`` / ``none`` alternatives).
 
 * weighted sum (MORLHF):  r_w = sum_k w_k r~_k
 * sample-min (public MaxMin-RLHF code):  r = min_k r~_k per response
@@ -17,20 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
+from baselines.normalization import Normalizer
 from mpo_exp.cost import CostMeter
 from mpo_exp.data import SequenceBatch
-
-NORMALIZATIONS = ("zscore", "none")
-
-
-def normalise(scores: torch.Tensor, means: Sequence[float], stds: Sequence[float], how: str) -> torch.Tensor:
-    if how not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {how!r}")
-    if how == "none":
-        return scores
-    mean = torch.as_tensor(means, dtype=scores.dtype)
-    std = torch.as_tensor(stds, dtype=scores.dtype).clamp(min=1e-6)
-    return (scores - mean) / std
 
 
 def weighted_sum(r: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
@@ -56,10 +44,8 @@ class RewardAggregator:
         self,
         models: Sequence[torch.nn.Module],
         names: Sequence[str],
-        means: Sequence[float],
-        stds: Sequence[float],
+        normalizer: Normalizer,
         rule: str,
-        normalization: str = "zscore",
         weights: Sequence[float] | None = None,
         meter: CostMeter | None = None,
     ) -> None:
@@ -67,16 +53,19 @@ class RewardAggregator:
             raise ValueError(f"aggregation rule must be one of {self.RULES}, got {rule!r}")
         if rule == "weighted" and (weights is None or len(weights) != len(models)):
             raise ValueError("the weighted rule needs one weight per reward model")
-        normalise(torch.zeros(1, len(models)), means, stds, normalization)  # validates `normalization`
-        self.models, self.names, self.means, self.stds = list(models), list(names), list(means), list(stds)
-        self.rule, self.normalization, self.weights, self.meter = rule, normalization, weights, meter
+        if len(normalizer.shift) != len(models):
+            raise ValueError(
+                f"normalizer fitted for {len(normalizer.shift)} objectives, {len(models)} models"
+            )
+        self.models, self.names, self.normalizer = list(models), list(names), normalizer
+        self.rule, self.weights, self.meter = rule, weights, meter
         self.group_counts = [0] * len(models)
 
     def per_objective(self, batch: SequenceBatch) -> torch.Tensor:
         from baselines.reward_model import score_with_rm
 
         raw = torch.stack([score_with_rm(m, batch, meter=self.meter) for m in self.models], dim=-1)
-        return normalise(raw, self.means, self.stds, self.normalization)
+        return self.normalizer(raw)
 
     def __call__(self, batch: SequenceBatch) -> tuple[torch.Tensor, dict[str, float]]:
         r = self.per_objective(batch)

@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from baselines.aggregation import NORMALIZATIONS, RewardAggregator
+from baselines.aggregation import RewardAggregator
 from baselines.em import em_user_groups, purity
-from baselines.reward_model import RewardModel, bt_loss, reward_models, score_with_rm
+from baselines.normalization import Normalizer, check_normalization
+from baselines.reward_model import RewardModel, bt_loss, reference_scores, reward_models, score_with_rm
 from baselines.rl import train_rl_policy
 from baselines.soups import average_state_dicts
-from mpo_exp.methods import Method, MethodOutput
+from mpo_exp.methods import Method, MethodOutput, PolicyCost, dpo_policies_cost
 from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
 from mpo_exp.policies import Policy
 
@@ -24,26 +25,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RL_TOTAL = ("preferences", "rm/", "rl/")
+
+def rl_cost(reward_model_stages: Sequence[str], rl_stage: str) -> PolicyCost:
+    """An RL baseline pays for the pairs, its reward models, their normalisation and its own RL run."""
+    own = (*reward_model_stages, "rm/ref_samples", "rm/normalizer", rl_stage)
+    return PolicyCost(("preferences", *own), own)
 
 
-def _aggregator(
-    ctx: RunContext, rms: list[RewardModel], rule: str, normalization: str, weights: list[float] | None = None
-) -> RewardAggregator:
-    return RewardAggregator(
-        [r.model for r in rms],
-        [r.objective for r in rms],
-        [r.mean for r in rms],
-        [r.std for r in rms],
-        rule,
-        normalization,
-        weights,
-        ctx.meter,
-    )
+def _normalizer(ctx: RunContext, rms: list[RewardModel], keys: list[str], how: str) -> Normalizer:
+    if how == "none":  # nothing to fit: no pi_ref samples are drawn or paid for
+        k = len(rms)
+        return Normalizer("none", torch.zeros(k), torch.ones(k), [{} for _ in rms])
+    return Normalizer.fit(reference_scores(ctx, [r.model for r in rms], keys), how, ctx.beta)
 
 
-def _rm_summary(rms: list[RewardModel]) -> dict:
-    return {r.objective: {"heldout_accuracy": r.heldout_accuracy, "mean": r.mean, "std": r.std} for r in rms}
+def _rm_summary(rms: list[RewardModel], normalizer: Normalizer) -> dict:
+    return {
+        r.objective: {"heldout_accuracy": r.heldout_accuracy, **stats}
+        for r, stats in zip(rms, normalizer.stats, strict=True)
+    }
 
 
 class MORLHFMethod(Method):
@@ -52,11 +52,9 @@ class MORLHFMethod(Method):
     name = "morlhf"
 
     def __init__(
-        self, weights: Mapping[str, float] | Sequence[float] | None = None, normalization: str = "zscore"
+        self, weights: Mapping[str, float] | Sequence[float] | None = None, normalization: str = "partition"
     ) -> None:
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"method.normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-        self.weights, self.normalization = weights, normalization
+        self.weights, self.normalization = weights, check_normalization(normalization)
 
     def validate(self, objectives: list[str]) -> None:
         resolve_weights(self.weights, objectives)
@@ -65,22 +63,25 @@ class MORLHFMethod(Method):
         objectives = ctx.task.objectives
         w = resolve_weights(self.weights, objectives)
         rms = list(reward_models(ctx).values())
+        keys = [ctx.keys[f"rm/{o}"] for o in objectives]
+        norm = _normalizer(ctx, rms, keys, self.normalization)
         label = "morlhf" if self.weights is None else "morlhf_" + "_".join(f"{x:.2f}" for x in w)
-        spec = {
-            "method": "morlhf",
-            "weights": w,
-            "normalization": self.normalization,
-            "rms": [ctx.keys[f"rm/{o}"] for o in objectives],
-        }
+        spec = {"method": "morlhf", "weights": w, "normalizer": norm.spec(), "rms": keys}
         policy, history = train_rl_policy(
-            ctx, label, spec, lambda: _aggregator(ctx, rms, "weighted", self.normalization, w)
+            ctx,
+            label,
+            spec,
+            lambda: RewardAggregator([r.model for r in rms], objectives, norm, "weighted", w, ctx.meter),
         )
         return MethodOutput(
             [MixedPolicy.single(policy)],
+            costs={label: rl_cost([f"rm/{o}" for o in objectives], f"rl/{label}")},
             weights=dict(zip(objectives, w, strict=True)),
-            own_stages=("rm/", "rl/"),
-            total_stages=RL_TOTAL,
-            extras={"reward_models": _rm_summary(rms), "rl_history": {label: history}},
+            extras={
+                "reward_models": _rm_summary(rms, norm),
+                "reward_normalization": self.normalization,
+                "rl_history": {label: history},
+            },
         )
 
 
@@ -97,7 +98,7 @@ class MaxMinRLHFMethod(Method):
     def __init__(
         self,
         variants: list[str] | tuple[str, ...] = VARIANTS,
-        normalization: str = "zscore",
+        normalization: str = "partition",
         groups: str = "known",
         em: dict | None = None,
     ) -> None:
@@ -106,40 +107,48 @@ class MaxMinRLHFMethod(Method):
             raise ValueError(
                 f"method.variants must be a non-empty subset of {self.VARIANTS}, got {list(variants)}"
             )
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"method.normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        check_normalization(normalization)
         if groups not in ("known", "em"):
             raise ValueError(f"method.groups must be 'known' or 'em', got {groups!r}")
         self.variants, self.normalization, self.groups = list(variants), normalization, groups
         self.em = {"users": 24, "iterations": 5, "rm_steps": 40, **(dict(em) if em else {})}
 
     def run(self, ctx: RunContext) -> MethodOutput:
-        extras: dict = {"rl_history": {}}
+        extras: dict = {"rl_history": {}, "reward_normalization": self.normalization}
         if self.groups == "known":
             rms = list(reward_models(ctx).values())
             rm_keys = [ctx.keys[f"rm/{o}"] for o in ctx.task.objectives]
+            rm_stages = [f"rm/{o}" for o in ctx.task.objectives]
         else:
             with ctx.meter.stage("rm/em"):
                 rms, em_info = em_reward_models(ctx, **self.em)
-            rm_keys = [f"em:{em_info['spec_key']}"]
+            rm_keys = [f"em:{em_info['spec_key']}:{g}" for g in range(len(rms))]
+            rm_stages = ["rm/em"]
             extras["em"] = em_info
-        extras["reward_models"] = _rm_summary(rms)
-        policies = []
+        norm = _normalizer(ctx, rms, rm_keys, self.normalization)
+        extras["reward_models"] = _rm_summary(rms, norm)
+        policies, costs = [], {}
+        names = [r.objective for r in rms]
         for variant in self.variants:
             label = f"maxmin_rlhf_{variant}" + ("_em" if self.groups == "em" else "")
             spec = {
                 "method": "maxmin_rlhf",
                 "variant": variant,
-                "normalization": self.normalization,
+                "normalizer": norm.spec(),
                 "rms": rm_keys,
             }
-            rule = variant
             policy, history = train_rl_policy(
-                ctx, label, spec, lambda rule=rule: _aggregator(ctx, rms, rule, self.normalization)
+                ctx,
+                label,
+                spec,
+                lambda rule=variant: RewardAggregator(
+                    [r.model for r in rms], names, norm, rule, meter=ctx.meter
+                ),
             )
             policies.append(MixedPolicy.single(policy))
+            costs[label] = rl_cost(rm_stages, f"rl/{label}")
             extras["rl_history"][label] = history
-        return MethodOutput(policies, own_stages=("rm/", "rl/"), total_stages=RL_TOTAL, extras=extras)
+        return MethodOutput(policies, costs=costs, extras=extras)
 
 
 def em_reward_models(
@@ -173,7 +182,8 @@ def em_reward_models(
 
     def loglik(model, u: int) -> float:
         batch = datasets[u].collate(list(range(len(datasets[u]))))
-        c, r = score_with_rm(model, batch.chosen), score_with_rm(model, batch.rejected)
+        c = score_with_rm(model, batch.chosen, meter=ctx.meter)
+        r = score_with_rm(model, batch.rejected, meter=ctx.meter)
         return -float(bt_loss(c, r)) * len(datasets[u])
 
     start = time.perf_counter()
@@ -181,10 +191,7 @@ def em_reward_models(
     result = em_user_groups(users, k, fit, loglik, iterations=iterations, seed=ctx.seed)
     score = purity(result.assignment, truth)
     log.info("EM over %d users: purity %.3f after %d iterations", users, score, result.iterations)
-    rms = []
-    for g, model in enumerate(result.models):
-        s = torch.cat([score_with_rm(model, pairs.a), score_with_rm(model, pairs.b)])
-        rms.append(RewardModel(f"group{g}", model, float(s.mean()), float(s.std()), float("nan")))
+    rms = [RewardModel(f"group{g}", model, float("nan")) for g, model in enumerate(result.models)]
     info = {
         "purity": score,
         "iterations": result.iterations,
@@ -236,10 +243,7 @@ class RewardSoupsMethod(Method):
                 "reward_soup": uniform,
                 "weighted_reward_soup": [lam[o] for o in objectives],
             }
-        return MethodOutput(
-            policies,
-            weights=weights,
-            own_stages=("soup/", "mpo/"),
-            total_stages=("preferences", "dpo/", "soup/", "mpo/"),
-            extras=extras,
-        )
+        costs = {"reward_soup": dpo_policies_cost(objectives, "soup/reward_soup")}
+        if self.mpo is not None:
+            costs["weighted_reward_soup"] = dpo_policies_cost(objectives, "mpo/", "soup/weighted_reward_soup")
+        return MethodOutput(policies, costs=costs, weights=weights, extras=extras)

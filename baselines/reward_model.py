@@ -8,17 +8,21 @@ the same :func:`load_reward_model`.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from mpo_exp.cost import CostMeter, n_params
 from mpo_exp.data import PreferenceBatch, PreferenceDataset, SequenceBatch
+from mpo_exp.generation import encode_prompts, sample
 from mpo_exp.scoring import classifier_logits
 from mpo_exp.training.common import PolicyModule
 
@@ -90,12 +94,10 @@ def load_reward_model(path: str | Path) -> PreTrainedModel:
 
 @dataclass
 class RewardModel:
-    """A trained reward model plus the statistics used to normalise its scores."""
+    """A trained reward model and its held-out pairwise accuracy (a diagnostic, not a cost)."""
 
     objective: str
     model: PreTrainedModel
-    mean: float  # of its scores on pi_ref samples
-    std: float
     heldout_accuracy: float
 
 
@@ -107,13 +109,13 @@ def split_pairs(data: PreferenceDataset, heldout_fraction: float, seed: int) -> 
 
 
 def reward_models(ctx: RunContext) -> dict[str, RewardModel]:
-    """Train (or reuse) one reward model per objective; memoised on the run context."""
+    """Train (or reuse) one reward model per objective; memoised on the run context.
+
+    Cost: training is charged to ``rm/<objective>``; the held-out accuracy, which no method
+    needs, to ``diagnostics/rm/<objective>`` (outside every method's total).
+    """
     if "reward_models" in ctx.memo:
         return ctx.memo["reward_models"]
-    import json
-
-    from hydra.utils import instantiate
-
     cfg = ctx.cfg.reward_model
     pairs = ctx.pairs
     pad_id = ctx.reference.tokenizer.pad_token_id
@@ -123,32 +125,70 @@ def reward_models(ctx: RunContext) -> dict[str, RewardModel]:
             "ref": ctx.keys["sft"],
             "pairs": ctx.keys["preferences"],
             "objective": objective,
-            "reward_model": ctx.plain(cfg),
+            "reward_model": {k: v for k, v in ctx.plain(cfg).items() if k != "normalizer"},
             "seed": ctx.seed,
         }
+        stage, diagnostic = f"rm/{objective}", f"diagnostics/rm/{objective}"
 
-        def build(tmp: Path, k: int = k, objective: str = objective) -> None:
+        def build(tmp: Path, k: int = k, objective: str = objective, stage=stage, diagnostic=diagnostic):
             ctx.reseed(20 + k)
             model = load_reward_model(ctx.store.path("sft", ctx.keys["sft"]))
             train, heldout = split_pairs(pairs.dataset(k, pad_id), float(cfg.heldout_fraction), ctx.seed)
             log.info("reward model for '%s' on %d pairs (%d held out)", objective, len(train), len(heldout))
-            module = instantiate(cfg.module)(model=model)
-            ctx.fit(module, train, train.collate, cfg)
-            acc = pairwise_accuracy(model, heldout, ctx.meter)
-            # normalisation statistics on pi_ref's own samples (both responses of every pair)
-            scores = torch.cat(
-                [score_with_rm(model, pairs.a, meter=ctx.meter), score_with_rm(model, pairs.b)]
-            )
+            with ctx.meter.stage(stage):
+                ctx.fit(instantiate(cfg.module)(model=model), train, train.collate, cfg)
+            with ctx.meter.stage(diagnostic):
+                acc = pairwise_accuracy(model, heldout, ctx.meter)
             model.save_pretrained(str(tmp))
             ctx.reference.tokenizer.save_pretrained(str(tmp))
-            stats = {"mean": float(scores.mean()), "std": float(scores.std()), "heldout_accuracy": acc}
-            (tmp / "stats.json").write_text(json.dumps(stats))
+            (tmp / "stats.json").write_text(json.dumps({"heldout_accuracy": acc}))
 
-        art = ctx.cached_stage(f"rm/{objective}", "reward_model", spec, build)
+        art = ctx.cached_stage(stage, "reward_model", spec, build, stages=(stage, diagnostic))
         stats = json.loads((art.path / "stats.json").read_text())
-        out[objective] = RewardModel(
-            objective, load_reward_model(art.path), stats["mean"], stats["std"], stats["heldout_accuracy"]
-        )
+        out[objective] = RewardModel(objective, load_reward_model(art.path), stats["heldout_accuracy"])
         log.info("reward model '%s': held-out pairwise accuracy %.3f", objective, stats["heldout_accuracy"])
     ctx.memo["reward_models"] = out
     return out
+
+
+def reference_scores(ctx: RunContext, models: Sequence[PreTrainedModel], keys: Sequence[str]) -> torch.Tensor:
+    """Reward-model scores of π_ref samples, (N prompts, m samples, K): what normalisation is fitted on.
+
+    ``keys`` identify the reward models (artifact keys); the scores are cached with them.
+    Sampling is charged to ``rm/ref_samples`` and scoring to ``rm/normalizer``: costs of the RL
+    baselines only.
+    """
+    cfg = ctx.cfg.reward_model.normalizer
+    n, m = int(cfg.n_prompts), int(cfg.samples_per_prompt)
+    spec = {
+        "ref": ctx.keys["sft"],
+        "reward_models": list(keys),
+        "n_prompts": n,
+        "samples_per_prompt": m,
+        "max_new_tokens": ctx.task.max_new_tokens,
+        "seed": ctx.seed,
+    }
+
+    def build(tmp: Path) -> None:
+        ctx.reseed(4)
+        ref = ctx.reference
+        prompts = encode_prompts(ref.tokenizer, ctx.task.prompts("train", n, ctx.seed + 7))
+        with ctx.meter.stage("rm/ref_samples"):
+            batch = sample(
+                ref,
+                [p for p in prompts for _ in range(m)],
+                ctx.task.max_new_tokens,
+                ctx.batch_size,
+                meter=ctx.meter,
+                desc="reward normalisation: sampling pi_ref",
+            )
+        with ctx.meter.stage("rm/normalizer"):
+            scores = torch.stack(
+                [score_with_rm(model, batch, ctx.batch_size, ctx.meter) for model in models], dim=-1
+            )
+        torch.save(scores.reshape(n, m, len(models)), tmp / "scores.pt")
+
+    art = ctx.cached_stage(
+        "rm/normalizer", "rm_reference_scores", spec, build, stages=("rm/ref_samples", "rm/normalizer")
+    )
+    return torch.load(art.path / "scores.pt")

@@ -157,17 +157,21 @@ class RunContext:
 
         def build(tmp: Path) -> None:
             self.reseed(2)
-            build_pairs(
-                ref,
-                self.task,
-                int(cfg.n_prompts),
-                float(cfg.bt_temperature),
-                self.seed,
-                self.meter,
-                self.batch_size,
-            ).save(tmp)
+            with self.meter.stage("preferences"):
+                pairs = build_pairs(
+                    ref,
+                    self.task,
+                    int(cfg.n_prompts),
+                    float(cfg.bt_temperature),
+                    self.seed,
+                    self.meter,
+                    self.batch_size,
+                )
+            with self.meter.stage("dpo/ref_logp"):  # only DPO reads them: charged to DPO's methods
+                pairs.score_reference(ref, self.batch_size, self.meter)
+            pairs.save(tmp)
 
-        art = self.cached_stage("preferences", "pairs", spec, build)
+        art = self.cached_stage("preferences", "pairs", spec, build, stages=("preferences", "dpo/ref_logp"))
         pairs = PairSet.load(art.path)
         informative = (~pairs.tie).float().mean(0).tolist()
         log.info(

@@ -8,7 +8,7 @@ number of non-embedding-free parameters (we count all parameters, the usual conv
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -36,26 +36,32 @@ class CostMeter:
     """Accumulates wall time, tokens and FLOPs per named stage.
 
     Code that forwards or back-propagates tokens calls :meth:`forward` / :meth:`backward`;
-    whatever stage is open (``with meter.stage("dpo/helpful")``) is charged.
+    the innermost open stage (``with meter.stage("dpo/helpful")``) is charged. Stages nest: a
+    stage opened inside another (a diagnostic inside a training stage) takes its tokens, FLOPs
+    and wall time out of the outer one, so no second is counted twice.
     """
 
     stages: dict[str, StageCost] = field(default_factory=dict)
-    _open: list[str] = field(default_factory=list)
+    _open: list[list] = field(default_factory=list)  # [name, seconds spent in nested stages]
 
     @contextmanager
     def stage(self, name: str) -> Iterator[StageCost]:
         cost = self.stages.setdefault(name, StageCost())
-        self._open.append(name)
+        frame = [name, 0.0]
+        self._open.append(frame)
         start = time.perf_counter()
         try:
             yield cost
         finally:
-            cost.wall_s += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            cost.wall_s += elapsed - frame[1]
             self._open.pop()
+            if self._open:
+                self._open[-1][1] += elapsed
 
     @property
     def current(self) -> StageCost | None:
-        return self.stages[self._open[-1]] if self._open else None
+        return self.stages[self._open[-1][0]] if self._open else None
 
     def forward(self, n_parameters: int, tokens: int) -> None:
         if (cost := self.current) is not None:
@@ -82,11 +88,16 @@ class CostMeter:
         return {name: cost.as_dict() for name, cost in self.stages.items()}
 
     def total(self, prefixes: tuple[str, ...] = ("",)) -> StageCost:
+        """The sum over stages whose names start with any of ``prefixes``."""
+        return self.sum(name for name in self.stages if name.startswith(prefixes))
+
+    def sum(self, names: Iterable[str]) -> StageCost:
+        """The sum over the named stages (each counted once)."""
         out = StageCost()
-        for name, c in self.stages.items():
-            if name.startswith(prefixes):
-                out.wall_s += c.wall_s
-                out.tokens_fwd += c.tokens_fwd
-                out.tokens_bwd += c.tokens_bwd
-                out.flops += c.flops
+        for name in dict.fromkeys(names):
+            c = self.stages[name]
+            out.wall_s += c.wall_s
+            out.tokens_fwd += c.tokens_fwd
+            out.tokens_bwd += c.tokens_bwd
+            out.flops += c.flops
         return out

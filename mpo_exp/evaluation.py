@@ -5,7 +5,9 @@ reward; the same z-normalised against pi_ref's reward distribution (so objective
 scales are comparable) and its worst objective; the win rate against a pi_ref response to the
 same prompt (ties count half) and its minimum; and a Monte-Carlo KL(pi || pi_ref) estimate,
 mean over samples of log pi(y|x) - log pi_ref(y|x) (the mixed policy's log-prob is its
-token-level normalised decoding distribution).
+token-level normalised decoding distribution). The per-prompt win outcomes (``win_per_prompt``,
+in eval-prompt order) are kept too, so the report can bootstrap over prompts, paired across the
+policies of a seed.
 """
 
 from __future__ import annotations
@@ -22,9 +24,19 @@ from mpo_exp.scoring import score_sequences
 from mpo_exp.tasks.base import Task
 
 
+def win_outcomes(rewards: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+    """Per row and objective: 1 if ``rewards`` beats ``baseline``, 0.5 on a tie, else 0: (n, K)."""
+    return (rewards > baseline).float() + 0.5 * (rewards == baseline).float()
+
+
 def win_rate(rewards: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
     """Share of rows where ``rewards`` beats ``baseline``, ties counting half: (K,)."""
-    return ((rewards > baseline).float() + 0.5 * (rewards == baseline).float()).mean(0)
+    return win_outcomes(rewards, baseline).mean(0)
+
+
+def compact_outcomes(column: torch.Tensor) -> list[int | float]:
+    """Outcomes in {0, 0.5, 1} as JSON-compact ints (0, 1) and 0.5 floats."""
+    return [0.5 if v == 0.5 else int(v) for v in column.tolist()]
 
 
 def z_scores(rewards: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
@@ -40,13 +52,17 @@ class PolicyEval:
 
     def summary(self, objectives: list[str], baseline: torch.Tensor) -> dict:
         z = z_scores(self.rewards, baseline)
-        wr = win_rate(self.rewards, baseline)
+        outcomes = win_outcomes(self.rewards, baseline)
+        wr = outcomes.mean(0)
         return {
             "reward": dict(zip(objectives, self.rewards.mean(0).tolist(), strict=True)),
             "reward_z": dict(zip(objectives, z.tolist(), strict=True)),
             "min_reward_z": float(z.min()),
             "win_rate": dict(zip(objectives, wr.tolist(), strict=True)),
             "min_win_rate": float(wr.min()),
+            # row i is eval prompt i against pi_ref's response to it: the same prompts and pi_ref
+            # responses for every policy of a run, so rows pair across policies within a seed
+            "win_per_prompt": {o: compact_outcomes(outcomes[:, k]) for k, o in enumerate(objectives)},
             "kl": self.kl,
         }
 

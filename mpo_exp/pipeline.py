@@ -14,7 +14,7 @@ from mpo_exp.artifacts import config_key
 from mpo_exp.config import build_method
 from mpo_exp.context import RunContext, to_plain
 from mpo_exp.evaluation import Evaluator
-from mpo_exp.methods import Method
+from mpo_exp.methods import Method, PolicyCost, dpo_policies_cost
 from mpo_exp.mpo.mixing import MixedPolicy
 from mpo_exp.results import write_results
 
@@ -49,6 +49,12 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict:
 
         uniform = MixedPolicy("uniform_mix", list(singles.values()), [1.0 / len(singles)] * len(singles))
         candidates = [ref, *(MixedPolicy.single(p) for p in singles.values()), uniform, *out.policies]
+        costs = {
+            ref.name: PolicyCost(()),
+            **{p.name: dpo_policies_cost([k]) for k, p in singles.items()},
+            uniform.name: dpo_policies_cost(singles),
+            **out.costs,
+        }
         ctx.reseed(100)
         ev = Evaluator(
             ctx.task,
@@ -68,6 +74,7 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict:
             policies[pol.name] = res.summary(ctx.task.objectives, baseline)
             examples[pol.name] = res.examples
 
+        policy_costs = {name: cost.resolve(ctx.meter.stages) for name, cost in costs.items()}
         results = {
             "method": method.name,
             "seed": ctx.seed,
@@ -77,11 +84,11 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict:
             "method_policies": [p.name for p in out.policies],
             "policies": policies,
             "cost": ctx.meter.as_dict(),
+            # the stages behind each policy, and their sums (MaxMin's two variants each pay for one RL run)
+            "policy_costs": policy_costs,
             "cost_summary": {
-                "post_processing": ctx.meter.total(out.own_stages).as_dict() if out.own_stages else None,
-                "total": ctx.meter.total(
-                    out.total_stages or ("preferences", "dpo/", *out.own_stages)
-                ).as_dict(),
+                name: {part: ctx.meter.sum(names).as_dict() for part, names in parts.items()}
+                for name, parts in policy_costs.items()
             },
             "artifacts": dict(ctx.keys),
             "run_key": run_key,

@@ -3,7 +3,9 @@
 The label for objective k is a Bradley–Terry draw, P(a > b) = sigmoid((r_k(a) - r_k(b)) / T);
 T (``bt_temperature``) is the label noise (T -> 0: the oracle's ranking, larger T: noisier).
 Exact reward ties carry no preference and are dropped by default. The same response pairs are
-labelled once per objective, as in HH-RLHF's per-attribute labels.
+labelled once per objective, as in HH-RLHF's per-attribute labels. pi_ref's log-probs of the
+pairs, which only DPO needs, are scored separately (:meth:`PairSet.score_reference`) so that
+their cost is charged to the methods that use them.
 """
 
 from __future__ import annotations
@@ -29,8 +31,15 @@ class PairSet:
     rewards_b: torch.Tensor
     a_wins: torch.Tensor  # (n, K) bool: the BT draw per objective
     tie: torch.Tensor  # (n, K) bool
-    ref_logp_a: torch.Tensor  # (n,)
-    ref_logp_b: torch.Tensor
+    ref_logp_a: torch.Tensor | None = None  # (n,) pi_ref's sequence log-probs, for DPO
+    ref_logp_b: torch.Tensor | None = None
+
+    def score_reference(
+        self, ref: MixedPolicy, batch_size: int = 256, meter: CostMeter | None = None
+    ) -> None:
+        models, weights = ref.live
+        self.ref_logp_a = score_sequences(models, weights, self.a, batch_size, meter)
+        self.ref_logp_b = score_sequences(models, weights, self.b, batch_size, meter)
 
     def save(self, path: Path) -> None:
         torch.save(self.__dict__, path / "pairs.pt")
@@ -40,6 +49,8 @@ class PairSet:
         return cls(**torch.load(path / "pairs.pt", weights_only=False))
 
     def dataset(self, k: int, pad_id: int, drop_ties: bool = True) -> PreferenceDataset:
+        if self.ref_logp_a is None or self.ref_logp_b is None:
+            raise ValueError("pairs have no pi_ref log-probs: call PairSet.score_reference first")
         keep = ~self.tie[:, k] if drop_ties else torch.ones_like(self.tie[:, k])
         idx = keep.nonzero().squeeze(-1)
         wins = self.a_wins[idx, k]
@@ -81,7 +92,4 @@ def build_pairs(
     r_a = task.rewards(text_prompts, decode_responses(tok, a))
     r_b = task.rewards(text_prompts, decode_responses(tok, b))
     a_wins, tie = bradley_terry_labels(r_a, r_b, bt_temperature, torch.Generator().manual_seed(seed))
-    models, weights = ref.live
-    logp_a = score_sequences(models, weights, a, batch_size, meter)
-    logp_b = score_sequences(models, weights, b, batch_size, meter)
-    return PairSet(a, b, r_a, r_b, a_wins, tie, logp_a, logp_b)
+    return PairSet(a, b, r_a, r_b, a_wins, tie)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 
@@ -47,10 +48,11 @@ def format_markdown(results: dict) -> str:
     parts += ["## Balanced performance (vs pi_ref on held-out prompts)", "", format_table(results), ""]
     parts += ["## Cost", "", format_cost(results), ""]
     summary = results.get("cost_summary", {})
-    for key, c in summary.items():
-        if c:
+    for name in results.get("method_policies", []):
+        for part, c in summary.get(name, {}).items():
             parts.append(
-                f"- {key}: {c['wall_s']:.1f} s, {c['flops']:.3g} FLOPs, {c['tokens_fwd']} tokens fwd"
+                f"- {name} ({part.replace('_', '-')}): {c['wall_s']:.1f} s, {c['flops']:.3g} FLOPs, "
+                f"{c['tokens_fwd']} tokens fwd"
             )
     parts += ["", "## Example responses", ""]
     for name, ex in results.get("examples", {}).items():
@@ -59,8 +61,14 @@ def format_markdown(results: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+def to_json(results: dict) -> str:
+    """Indented JSON with lists of numbers kept on one line (per-prompt outcomes stay compact)."""
+    text = json.dumps(results, indent=2)
+    return re.sub(r"\[\s+([-+\deE.,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+
+
 def write_results(results: dict, output_dir: Path) -> None:
-    _atomic_write(output_dir / "results.json", json.dumps(results, indent=2))
+    _atomic_write(output_dir / "results.json", to_json(results))
     _atomic_write(output_dir / "results.md", format_markdown(results))
 
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from baselines.aggregation import RewardAggregator, group_min, normalise, sample_min, weighted_sum
+from baselines.aggregation import RewardAggregator, group_min, sample_min, weighted_sum
+from baselines.normalization import Normalizer, partition_shift
 from baselines.em import em_user_groups, purity
 from baselines.ppo import gae, kl_penalised_rewards, masked_whiten
 from baselines.reward_model import bt_loss
@@ -68,13 +69,64 @@ def test_aggregations():
     torch.testing.assert_close(sample_min(r), torch.tensor([-2.0, -1.0]))
     scores, k = group_min(r)  # column means 2, -1, -0.25 -> objective 1 is the worst served
     assert k == 1 and torch.equal(scores, r[:, 1])
-    torch.testing.assert_close(
-        normalise(r, [1.0, 0.0, 0.0], [2.0, 1.0, 0.5], "zscore"),
-        torch.tensor([[0.0, -2.0, 1.0], [1.0, 0.0, -2.0]]),
+
+
+def test_normalizers_by_hand():
+    # 2 prompts x 3 pi_ref samples x 2 objectives
+    scores = torch.tensor(
+        [[[0.0, 1.0], [1.0, 1.0], [2.0, 4.0]], [[-1.0, 0.0], [0.0, 2.0], [1.0, 0.0]]], dtype=torch.float64
     )
-    assert torch.equal(normalise(r, [9, 9, 9], [9, 9, 9], "none"), r)
+    beta = 0.5
+    by_hand = torch.tensor(
+        [
+            [
+                beta * math.log((math.exp(0 / beta) + math.exp(1 / beta) + math.exp(2 / beta)) / 3),
+                beta * math.log((2 * math.exp(1 / beta) + math.exp(4 / beta)) / 3),
+            ],
+            [
+                beta * math.log((math.exp(-1 / beta) + 1 + math.exp(1 / beta)) / 3),
+                beta * math.log((2 + math.exp(2 / beta)) / 3),
+            ],
+        ],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(partition_shift(scores, beta), by_hand)
+    part = Normalizer.fit(scores, "partition", beta)
+    torch.testing.assert_close(part.scale, torch.ones(2, dtype=torch.float64))  # the BT scale is kept
+    torch.testing.assert_close(part(scores), scores - by_hand.mean(0))
+    # idempotent: P(P(r)) = P(r) for a per-objective shift
+    again = Normalizer.fit(part(scores), "partition", beta)
+    torch.testing.assert_close(again.shift, torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
+    flat = scores.reshape(-1, 2)
+    z = Normalizer.fit(scores, "zscore", beta)
+    torch.testing.assert_close(z(scores), (scores - flat.mean(0)) / flat.std(0))
+    assert torch.equal(Normalizer.fit(scores, "none", beta)(scores), scores)
+    stats = part.stats[1]
+    assert stats["partition_shift"] == pytest.approx(float(by_hand[:, 1].mean()))
+    assert stats["partition_shift_prompt_std"] == pytest.approx(float(by_hand[:, 1].std()))
     with pytest.raises(ValueError, match="normalization"):
-        normalise(r, [0] * 3, [1] * 3, "rank")
+        Normalizer.fit(scores, "rank", beta)
+
+
+@pytest.mark.parametrize(("how", "matches"), [("partition", True), ("none", True), ("zscore", False)])
+def test_morlhf_closed_form_is_the_fixed_weight_mixture_only_on_the_bt_scale(how, matches):
+    """KL-regularised optimum of sum_k w_k r~_k at beta vs prod_k pi_k^{w_k}, pi_k ∝ pi_ref exp(r_k/beta).
+
+    Reward models are BT rewards up to an offset each: the partition shift (and raw scores) keep
+    the optimum; z-scoring divides objective k by sigma_k (a different effective beta per objective).
+    """
+    g = torch.Generator().manual_seed(0)
+    beta, n_resp, k = 0.5, 12, 3
+    log_ref = torch.log_softmax(torch.randn(n_resp, generator=g, dtype=torch.float64), 0)
+    r = torch.randn(n_resp, k, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.3])
+    rm = r + torch.tensor([5.0, -2.0, 0.7])  # each reward model's arbitrary offset
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    log_pi_k = torch.log_softmax(log_ref.unsqueeze(-1) + r / beta, 0)
+    mixture = torch.log_softmax(log_pi_k @ w, 0)
+    samples = rm[torch.multinomial(log_ref.exp(), 4000, replacement=True, generator=g)].reshape(40, 100, k)
+    norm = Normalizer.fit(samples, how, beta)
+    optimum = torch.log_softmax(log_ref + weighted_sum(norm(rm), w.tolist()) / beta, 0)
+    assert torch.allclose(optimum, mixture, atol=1e-9) == matches
 
 
 def test_group_min_follows_the_worst_objective_across_batches():
@@ -83,7 +135,8 @@ def test_group_min_follows_the_worst_objective_across_batches():
             super().__init__()
             self.value = value
 
-    agg = RewardAggregator([Fixed(0), Fixed(0)], ["a", "b"], [0, 0], [1, 1], "group_min")
+    none = Normalizer("none", torch.zeros(2), torch.ones(2), [{}, {}])
+    agg = RewardAggregator([Fixed(0), Fixed(0)], ["a", "b"], none, "group_min")
     agg.per_objective = lambda batch: batch  # reward models replaced by a fixed table
     for table, worst in [
         (torch.tensor([[0.0, 1.0], [0.0, 1.0]]), 0),
@@ -93,7 +146,7 @@ def test_group_min_follows_the_worst_objective_across_batches():
         assert info["group"] == worst and torch.equal(scores, table[:, worst])
     assert agg.group_counts == [1, 1]
     with pytest.raises(ValueError, match="rule"):
-        RewardAggregator([], [], [], [], "mean")
+        RewardAggregator([], [], none, "mean")
 
 
 def test_soup_averages_state_dicts():

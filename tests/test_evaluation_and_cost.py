@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -31,6 +33,18 @@ def test_summary_reports_minimum_over_objectives():
         s["min_reward_z"] == pytest.approx(s["reward_z"]["b"]) and s["reward_z"]["b"] < 0 < s["reward_z"]["a"]
     )
     assert s["kl"] == 0.3
+
+
+def test_summary_keeps_per_prompt_outcomes_in_prompt_order():
+    base = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]])
+    ev = PolicyEval(rewards=torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0]]), kl=0.0, examples=[])
+    s = ev.summary(["a", "b"], base)
+    # a: win, tie, loss ; b: tie, loss, win — compact ints and 0.5 floats, one per eval prompt
+    assert s["win_per_prompt"] == {"a": [1, 0.5, 0], "b": [0.5, 0, 1]}
+    assert [type(v) for v in s["win_per_prompt"]["a"]] == [int, float, int]
+    for o in ("a", "b"):
+        assert sum(s["win_per_prompt"][o]) / 3 == pytest.approx(s["win_rate"][o])
+    json.loads(json.dumps(s))  # JSON-serialisable
 
 
 def test_cost_meter_flops_and_stages():

@@ -24,17 +24,29 @@ def test_pipeline_writes_results_and_reuses_cached_stages(smoke_cfg, tmp_path):
     expected = {"pi_ref", "pi_helpful", "pi_harmless", "pi_humorous", "uniform_mix", "mpo"}
     assert set(first["policies"]) == expected
     for pol in first["policies"].values():
-        assert set(pol) == {"reward", "reward_z", "min_reward_z", "win_rate", "min_win_rate", "kl"}
-        assert set(pol["win_rate"]) == set(objectives)
-        assert pol["min_win_rate"] == min(pol["win_rate"].values())
-        assert 0 <= pol["min_win_rate"] <= 1
-    assert first["policies"]["pi_ref"]["kl"] == pytest.approx(0, abs=1e-5)
+        assert set(pol) >= {"reward", "reward_z", "min_reward_z", "win_rate", "min_win_rate", "kl"}
+        assert list(pol["win_rate"]) == objectives
+    for o in objectives:  # DPO moved every pi_k away from pi_ref (a no-op training step would not)
+        assert first["policies"][f"pi_{o}"]["kl"] > 0.01
+    # MPO's policy is the mixture with the reported lambda: its KL lies below the pi_k's worst one
+    assert first["policies"]["mpo"]["kl"] < max(first["policies"][f"pi_{o}"]["kl"] for o in objectives)
     for stage in ["sft", "preferences", "dpo/helpful", "mpo/sampling", "mpo/scoring", "mpo/bsmd"]:
         cost = first["cost"][stage]
         assert set(cost) >= {"wall_s", "flops", "tokens_fwd", "tokens_bwd"}
         assert not cost["reused"]
     assert first["cost"]["sft"]["tokens_bwd"] > 0 and first["cost"]["mpo/scoring"]["tokens_bwd"] == 0
-    assert first["cost_summary"]["post_processing"]["flops"] > 0
+    # MPO pays for the pairs, pi_ref's log-probs of them (DPO's input), the K DPO runs and its own stages
+    dpo = ["preferences", "dpo/ref_logp", *(f"dpo/{o}" for o in objectives)]
+    assert first["policy_costs"]["mpo"] == {
+        "total": [*dpo, "mpo/sampling", "mpo/scoring", "mpo/bsmd"],
+        "post_processing": ["mpo/sampling", "mpo/scoring", "mpo/bsmd"],
+    }
+    assert first["policy_costs"]["uniform_mix"] == {"total": dpo, "post_processing": []}
+    assert first["policy_costs"]["pi_ref"] == {"total": [], "post_processing": []}
+    post = first["cost_summary"]["mpo"]["post_processing"]
+    assert post["flops"] == pytest.approx(
+        sum(first["cost"][s]["flops"] for s in ("mpo/sampling", "mpo/scoring"))
+    )
     assert (tmp_path / "run1" / "results.md").read_text().count("| mpo |") == 1
     assert json.loads((tmp_path / "run1" / "results.json").read_text())["lambda"] == first["lambda"]
 
@@ -125,7 +137,7 @@ def test_baseline_methods_write_the_same_results(smoke_cfg, tmp_path, method, ex
     res = run_pipeline(smoke_cfg(f"method={method}", *extra), tmp_path / method)
     assert res["method"] == method and res["method_policies"] == rows
     for row in rows + ["pi_ref", "uniform_mix"]:
-        assert set(res["policies"][row]) == {
+        assert set(res["policies"][row]) >= {
             "reward",
             "reward_z",
             "min_reward_z",
@@ -133,20 +145,41 @@ def test_baseline_methods_write_the_same_results(smoke_cfg, tmp_path, method, ex
             "min_win_rate",
             "kl",
         }
-    total = res["cost_summary"]["total"]
+    objectives = res["objectives"]
+    dpo = ["preferences", "dpo/ref_logp", *(f"dpo/{o}" for o in objectives)]
     if method == "reward_soups":
         assert res["cost"]["soup/reward_soup"]["tokens_bwd"] == 0
-        assert total["flops"] >= res["cost"]["dpo/helpful"]["flops"]
+        assert res["policy_costs"]["reward_soup"]["total"] == [*dpo, "soup/reward_soup"]
+        assert res["policy_costs"]["weighted_reward_soup"]["total"] == [
+            *dpo,
+            "mpo/sampling",
+            "mpo/scoring",
+            "mpo/bsmd",
+            "soup/weighted_reward_soup",
+        ]
+        return
+    assert "dpo/helpful" in res["cost"]  # computed for the table, but not part of the method's cost
+    em = "em" in res
+    rms = ["rm/em"] if em else [f"rm/{o}" for o in objectives]
+    norm = [] if "method.normalization=none" in extra else ["rm/ref_samples", "rm/normalizer"]
+    for row in rows:  # each RL policy pays for its own RL run only, never for the other variant's
+        own = [*rms, *norm, f"rl/{row}"]
+        assert res["policy_costs"][row] == {"total": ["preferences", *own], "post_processing": own}
+        assert res["cost"][f"rl/{row}"]["tokens_bwd"] > 0
+        total = res["cost_summary"][row]["total"]["flops"]
+        assert total == pytest.approx(sum(res["cost"][s]["flops"] for s in ["preferences", *own]))
+    assert set(res["rl_history"]) == set(rows)
+    assert res["reward_normalization"] == ("none" if norm == [] else "partition")
+    if em:
+        # the E-step's scoring is charged: more tokens forwarded than back-propagated by the M-steps
+        assert res["cost"]["rm/em"]["tokens_fwd"] > res["cost"]["rm/em"]["tokens_bwd"] > 0
+        assert len(res["em"]["assignment"]) == 6
     else:
-        assert "dpo/helpful" in res["cost"]  # computed for the table, but not part of the method's cost
-        rl = [s for s in res["cost"] if s.startswith("rl/")]
-        assert len(rl) == len(rows) and all(res["cost"][s]["tokens_bwd"] > 0 for s in rl)
-        assert total["flops"] == pytest.approx(
-            sum(c["flops"] for s, c in res["cost"].items() if s.startswith(("preferences", "rm/", "rl/")))
-        )
-        assert set(res["rl_history"]) == set(rows)
-    if "em" in res:
-        assert 0 < res["em"]["purity"] <= 1
+        for o in objectives:  # reward-model training only; the held-out accuracy is a diagnostic
+            assert res["cost"][f"rm/{o}"]["tokens_fwd"] == res["cost"][f"rm/{o}"]["tokens_bwd"]
+            assert res["cost"][f"diagnostics/rm/{o}"]["tokens_bwd"] == 0
+            assert res["cost"][f"diagnostics/rm/{o}"]["tokens_fwd"] > 0
+            assert 0 <= res["reward_models"][o]["heldout_accuracy"] <= 1
 
 
 @pytest.mark.slow

@@ -3,24 +3,54 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 from pathlib import Path
 
 import pytest
 
-from mpo_exp.report import build_report, load_sweep, main
+from mpo_exp.report import PromptBootstrap, ReportError, build_report, load_sweep, main
 
 OBJ = ["helpful", "harmless"]
+MIN_DEF = "mean over seeds of each seed's minimum over objectives"
 
 
-def policy(wins: tuple[float, float], z: tuple[float, float] = (0.1, -0.1)) -> dict:
-    return {
-        "reward": dict(zip(OBJ, z, strict=True)),
-        "reward_z": dict(zip(OBJ, z, strict=True)),
+def policy(
+    wins: tuple[float, ...], z: tuple[float, ...] = (0.1, -0.1), objectives=OBJ, per_prompt=None
+) -> dict:
+    out = {
+        "reward": dict(zip(objectives, z, strict=True)),
+        "reward_z": dict(zip(objectives, z, strict=True)),
         "min_reward_z": min(z),
-        "win_rate": dict(zip(OBJ, wins, strict=True)),
+        "win_rate": dict(zip(objectives, wins, strict=True)),
         "min_win_rate": min(wins),
         "kl": 1.0,
     }
+    if per_prompt is not None:
+        out["win_per_prompt"] = per_prompt
+    return out
+
+
+def outcomes(rate: float, n: int, seed: int) -> list[int]:
+    """n outcomes in {0, 1} with exactly round(rate * n) wins, in a seeded random order."""
+    k = round(rate * n)
+    wins = [1] * k + [0] * (n - k)
+    random.Random(seed).shuffle(wins)
+    return wins
+
+
+def from_outcomes(per_prompt: dict[str, list], z=(0.1, -0.1)) -> dict:
+    objectives = list(per_prompt)
+    wins = tuple(sum(v) / len(v) for v in per_prompt.values())
+    return policy(wins, z, objectives, per_prompt)
+
+
+def pp_policy(rates: tuple[float, ...], n: int, seed: int, objectives=OBJ) -> dict:
+    """A policy with per-prompt outcomes behind the given win rates (independent across calls)."""
+    return from_outcomes(
+        {o: outcomes(r, n, hash((seed, o, r, n)) % 2**31) for o, r in zip(objectives, rates, strict=True)},
+        z=(0.1,) * len(objectives),
+    )
 
 
 def stage(wall: float, flops: float) -> dict:
@@ -35,28 +65,34 @@ def write_run(
     extra_policies: dict,
     beta: float = 0.1,
     cost: dict | None = None,
+    objectives: list[str] = OBJ,
+    n_prompts: int | None = None,
     **extras,
 ) -> None:
+    """One job's results.json; with n_prompts the shared rows carry per-prompt outcomes too."""
     job = root / name
     (job / ".hydra").mkdir(parents=True)
-    shared = {
-        "pi_ref": policy((0.5, 0.5)),
-        "pi_helpful": policy((0.8 - seed * 0.02, 0.2)),
-        "pi_harmless": policy((0.3, 0.9)),
-        "uniform_mix": policy((0.55, 0.6)),
+    other = objectives[1]
+    shared_wins = {
+        "pi_ref": (0.5, 0.5),
+        f"pi_{objectives[0]}": (0.8 - seed * 0.02, 0.2),
+        f"pi_{other}": (0.3, 0.9),
+        "uniform_mix": (0.55, 0.6),
     }
-    cost = cost or {}
+    shared = {
+        k: pp_policy(w, n_prompts, seed, objectives) if n_prompts else policy(w, objectives=objectives)
+        for k, w in shared_wins.items()
+    }
     base_cost = {
         "preferences": stage(1, 10),
-        "dpo/helpful": stage(5, 100),
-        "dpo/harmless": stage(5, 100),
-        **cost,
+        **{f"dpo/{o}": stage(5, 100) for o in objectives},
+        **(cost or {}),
     }
     results = {
         "method": method,
         "seed": seed,
         "beta": beta,
-        "objectives": OBJ,
+        "objectives": objectives,
         "method_policies": list(extra_policies),
         "policies": {**shared, **extra_policies},
         "cost": base_cost,
@@ -65,8 +101,28 @@ def write_run(
     (job / "results.json").write_text(json.dumps(results))
 
 
+MPO_COST = {"mpo/sampling": stage(1, 5), "mpo/scoring": stage(1, 5), "mpo/bsmd": stage(0.1, 0)}
+MPO_STAGES = ["mpo/sampling", "mpo/scoring", "mpo/bsmd"]
+RL_COST = {"rm/helpful": stage(10, 200), "rm/harmless": stage(10, 200), "rl/morlhf": stage(60, 900)}
+RL_STAGES = ["rm/helpful", "rm/harmless", "rl/morlhf"]
+
+
+def mpo_costs(name: str = "mpo") -> dict:
+    return {
+        name: {
+            "total": ["preferences", "dpo/helpful", "dpo/harmless", *MPO_STAGES],
+            "post_processing": MPO_STAGES,
+        }
+    }
+
+
+def morlhf_costs() -> dict:
+    return {"morlhf": {"total": ["preferences", *RL_STAGES], "post_processing": RL_STAGES}}
+
+
 @pytest.fixture
 def sweep(tmp_path):
+    """Results written before per-prompt outcomes were recorded (no win_per_prompt)."""
     root = tmp_path / "sweep"
     for seed in (0, 1):
         write_run(
@@ -75,7 +131,8 @@ def sweep(tmp_path):
             "mpo",
             seed,
             {"mpo": policy((0.6 + seed * 0.02, 0.62))},
-            cost={"mpo/sampling": stage(1, 5), "mpo/scoring": stage(1, 5), "mpo/bsmd": stage(0.1, 0)},
+            cost=MPO_COST,
+            policy_costs=mpo_costs(),
             bsmd={"objectives": OBJ, "step": [0, 10], "trajectory": [[0.5, 0.5], [0.4, 0.6]]},
         )
         write_run(
@@ -84,9 +141,19 @@ def sweep(tmp_path):
             "morlhf",
             seed,
             {"morlhf": policy((0.58, 0.57))},
-            cost={"rm/helpful": stage(10, 200), "rm/harmless": stage(10, 200), "rl/morlhf": stage(60, 900)},
+            cost=RL_COST,
+            policy_costs=morlhf_costs(),
+            reward_normalization="zscore",
         )
-    write_run(root, "2_loo", "mpo", 0, {"mpo_without_harmless": policy((0.7, 0.3), z=(0.4, -0.5))})
+    write_run(
+        root,
+        "2_loo",
+        "mpo",
+        0,
+        {"mpo_without_harmless": policy((0.7, 0.3), z=(0.4, -0.5))},
+        # an older run: no policy_costs, its own cost_summary stands in
+        cost_summary={"total": stage(2, 30), "post_processing": None},
+    )
     (root / "3_killed" / ".hydra").mkdir(parents=True)  # a job that never wrote results.json
     (root / "4_corrupt" / ".hydra").mkdir(parents=True)
     (root / "4_corrupt" / "results.json").write_text('{"method": "mpo", "polic')
@@ -103,16 +170,23 @@ def test_loader_names_and_skips_missing_and_corrupt(sweep):
 def test_report_tables(sweep):
     rep = build_report(sweep, paper=True, plots=True)
     table = rep["table1"]
-    # MPO has the best mean minimum (61%) and is bold; mean ± std over the two seeds
-    assert "| 0.1 | MPO | 61.0 ± 1.4 | 62.0 ± 0.0 | **61.0 ± 1.4** |" in table
+    # mean ± std over the two seeds; no per-prompt outcomes: no interval and no bold, and it says so
+    assert "| 0.1 | MPO | 61.0 ± 1.4 | 62.0 ± 0.0 | 61.0 ± 1.4 | -0.10 ± 0.00 | 2 |" in table
     assert "| 0.1 | π_helpful | 79.0 ± 1.4 | 20.0 ± 0.0 | 20.0 ± 0.0 |" in table
+    assert "**" not in table.split("| β |")[1].split("\n\n")[0]  # no bold cell in the table body
+    assert "No per-prompt outcomes (win_per_prompt) for all rows" in table
+    assert MIN_DEF in table and "std over seeds" in table and "bootstrap over eval prompts" in table
     assert "Published numbers" in table  # --paper
     mpo_cost = next(r for r in rep["costs"] if r["policy"] == "mpo")
     morlhf_cost = next(r for r in rep["costs"] if r["policy"] == "morlhf")
+    loo_cost = next(r for r in rep["costs"] if r["policy"] == "mpo_without_harmless")
     assert mpo_cost["total_flops"] == 10 + 200 + 10 and mpo_cost["post_flops"] == 10
-    assert morlhf_cost["total_flops"] == 10 + 400 + 900
+    assert morlhf_cost["total_flops"] == 10 + 400 + 900 and morlhf_cost["post_flops"] == 1300
     assert morlhf_cost["total_flops_vs_mpo"] == pytest.approx(1310 / 220)
+    assert loo_cost["total_flops"] == 30 and loo_cost["post_flops"] == 0
+    assert "cost_summary" in rep["cost"] and "`2_loo`" in rep["cost"]
     assert "MPO w/o π_harmless" in rep["ablation"]
+    assert "Reward normalisation of the RL baselines: MORLHF → zscore." in table
     for name in (
         "table1.md",
         "table1.tex",
@@ -125,15 +199,20 @@ def test_report_tables(sweep):
         "min_win_vs_cost.png",
     ):
         assert (sweep / name).stat().st_size > 0, name
-    assert "4_corrupt" in (sweep / "report.md").read_text()
-    assert "\\textbf{61.0$\\pm$1.4}" in (sweep / "table1.tex").read_text()
-    assert (sweep / "table1.csv").read_text().splitlines()[0].startswith("beta,policy,helpful_mean")
+    report_md = (sweep / "report.md").read_text()
+    assert "4_corrupt" in report_md and MIN_DEF in report_md
+    assert "61.0$\\pm$1.4" in (sweep / "table1.tex").read_text()
+    assert "\\textbf" not in (sweep / "table1.tex").read_text()
+    header = (sweep / "table1.csv").read_text().splitlines()[0]
+    assert header.startswith("beta,policy,helpful_mean") and "min_ci_low,min_ci_high" in header
+    assert not (sweep / "lambda.md").exists()  # no lambda recorded in these results
 
 
 def test_cli_prints_the_tables(sweep, capsys):
     main([str(sweep), "--no-plots"])
     out = capsys.readouterr().out
     assert "MPO" in out and "skipped" in out and "4_corrupt" in out
+    assert MIN_DEF in out and "Reward normalisation" in out
 
 
 def test_empty_sweep_is_an_error(tmp_path):
@@ -152,3 +231,274 @@ def test_pareto_plot_only_for_weight_sweeps(tmp_path):
         write_run(root, f"fm{i}", "fixed_mix", 0, {name: policy((0.3 + 0.4 * w[0], 0.3 + 0.4 * w[1]))})
     build_report(root)
     assert (root / "pareto.png").stat().st_size > 0
+
+
+# ---- bootstrap intervals and the bold -----------------------------------------------------------
+def row(rep: dict, name: str) -> dict:
+    return next(r for r in rep["rows"] if r["policy"] == name)
+
+
+def test_interval_contains_the_point_and_shrinks_with_more_prompts(tmp_path):
+    widths = []
+    for n in (50, 800):
+        root = tmp_path / f"n{n}"
+        for seed in (0, 1, 2):
+            write_run(root, f"{seed}_mpo", "mpo", seed, {"mpo": pp_policy((0.6, 0.66), n, seed)}, n_prompts=n)
+        rep = build_report(root, plots=False)
+        for r in rep["rows"]:
+            lo, hi = r["ci"]
+            assert lo <= r["min"][0] <= hi, (n, r["policy"])
+        mpo = row(rep, "mpo")
+        assert f"[{mpo['ci'][0] * 100:.1f}, {mpo['ci'][1] * 100:.1f}]" in rep["table1"]
+        assert "No per-prompt outcomes" not in rep["table1"]
+        widths.append(mpo["ci"][1] - mpo["ci"][0])
+    assert widths[1] < widths[0] / 2.5  # ~ 1/sqrt(n): 4x narrower for 16x the prompts
+
+
+def test_bootstrap_is_seeded_and_paired():
+    boot = PromptBootstrap(200)
+    again = PromptBootstrap(200)
+    assert (boot.counts(0, 30) == again.counts(0, 30)).all()  # same report, same intervals
+    assert (boot.counts(0, 30).sum(axis=1) == 30).all()
+    assert not (boot.counts(0, 30) == boot.counts(1, 30)).all()  # seeds resample independently
+
+
+def test_best_within_noise_is_not_bold(tmp_path):
+    root = tmp_path / "close"
+    n = 100
+    for seed in (0, 1):
+        write_run(root, f"{seed}_mpo", "mpo", seed, {"mpo": pp_policy((0.62, 0.64), n, seed)}, n_prompts=n)
+        write_run(
+            root,
+            f"{seed}_morlhf",
+            "morlhf",
+            seed,
+            {"morlhf": pp_policy((0.61, 0.63), n, seed + 7)},
+            n_prompts=n,
+        )
+    rep = build_report(root, plots=False)
+    assert not any(r["bold"] for r in rep["rows"])
+    assert "**" not in rep["table1"].split("| β |")[1].split("\n\n")[0]
+    assert "within noise, no bold" in rep["table1"] and "runner-up MORLHF" in rep["table1"]
+
+
+def test_clear_winner_is_bold(tmp_path):
+    root = tmp_path / "clear"
+    n = 300
+    for seed in (0, 1):
+        write_run(root, f"{seed}_mpo", "mpo", seed, {"mpo": pp_policy((0.85, 0.88), n, seed)}, n_prompts=n)
+        write_run(
+            root,
+            f"{seed}_morlhf",
+            "morlhf",
+            seed,
+            {"morlhf": pp_policy((0.6, 0.62), n, seed + 7)},
+            n_prompts=n,
+        )
+    rep = build_report(root, plots=False)
+    assert row(rep, "mpo")["bold"] and not row(rep, "morlhf")["bold"]
+    mpo = row(rep, "mpo")
+    assert f"| **85.0 ± 0.0** [{mpo['ci'][0] * 100:.1f}, {mpo['ci'][1] * 100:.1f}] |" in rep["table1"]
+    assert "runner-up MORLHF" in rep["table1"] and "bold." in rep["table1"]
+    assert "\\textbf{85.0$\\pm$0.0}" in (root / "table1.tex").read_text()
+
+
+def test_the_bold_uses_the_paired_bootstrap(tmp_path):
+    """A 4-point gain on the same prompts: significant when paired, lost in the noise if not."""
+    root = tmp_path / "paired"
+    n = 400
+    for seed in (0, 1):
+        base = outcomes(0.6, n, seed)
+        better = list(base)
+        losses = [i for i, v in enumerate(base) if v == 0]
+        for i in losses[:16]:  # MPO also wins 16 of the prompts MORLHF loses: +4 points
+            better[i] = 1
+        everything = [1] * n
+        write_run(
+            root,
+            f"{seed}_a",
+            "mpo",
+            seed,
+            {"mpo": from_outcomes({"helpful": better, "harmless": everything})},
+        )
+        write_run(
+            root,
+            f"{seed}_b",
+            "morlhf",
+            seed,
+            {"morlhf": from_outcomes({"helpful": base, "harmless": everything})},
+        )
+    rep = build_report(root, plots=False)
+    mpo, morlhf = row(rep, "mpo"), row(rep, "morlhf")
+    assert mpo["bold"]
+    # the two rows' own intervals overlap: an unpaired comparison could not tell them apart
+    assert mpo["ci"][0] < morlhf["ci"][1]
+
+
+# ---- what differs is never merged ---------------------------------------------------------------
+def test_nan_and_missing_values_are_flagged_and_never_bold(tmp_path):
+    root = tmp_path / "nan"
+    n = 200
+    for seed in (0, 1):
+        mpo = pp_policy((0.95, 0.95), n, seed)
+        if seed == 0:
+            mpo["win_rate"]["helpful"] = math.nan
+            mpo["min_win_rate"] = math.nan
+        morlhf = pp_policy((0.6, 0.62), n, seed + 7)
+        if seed == 1:
+            del morlhf["win_rate"]["harmless"]
+        write_run(root, f"{seed}_mpo", "mpo", seed, {"mpo": mpo}, n_prompts=n)
+        write_run(root, f"{seed}_morlhf", "morlhf", seed, {"morlhf": morlhf}, n_prompts=n)
+    rep = build_report(root, plots=False)
+    table = rep["table1"]
+    assert "| 0.1 | MPO | NaN† | 95.0 ± 0.0 | NaN† |" in table
+    assert "| 0.1 | MORLHF (uniform w) | 60.0 ± 0.0 | —† |" in table
+    assert "† NaN:" in table and "never get the bold" in table
+    assert not row(rep, "mpo")["bold"] and not row(rep, "morlhf")["bold"]
+    assert "**NaN" not in table
+    assert "NaN$^\\dagger$" in (root / "table1.tex").read_text()
+
+
+def test_different_objective_sets_are_reported_separately(tmp_path):
+    root = tmp_path / "mixed"
+    other = ["helpful", "honest"]
+    write_run(root, "0_mpo", "mpo", 0, {"mpo": policy((0.6, 0.7))})
+    write_run(root, "1_mpo", "mpo", 0, {"mpo": policy((0.9, 0.4), objectives=other)}, objectives=other)
+    rep = build_report(root, plots=True)
+    assert rep["groups"] == [OBJ, other]
+    table = rep["table1"]
+    first, second = table.split("## Objectives: helpful, honest")
+    assert "## Objectives: helpful, harmless" in first and "honest" not in first.split("| β |")[1]
+    assert "| β | method | helpful | honest |" in second and "harmless" not in second
+    assert "| 0.1 | MPO | 60.0 ± 0.0 | 70.0 ± 0.0 |" in first
+    assert "| 0.1 | MPO | 90.0 ± 0.0 | 40.0 ± 0.0 |" in second  # not averaged with the other set
+    for name in (
+        "table1_helpful-harmless.csv",
+        "table1_helpful-honest.tex",
+        "bars_beta0.1_helpful-honest.png",
+    ):
+        assert (root / name).stat().st_size > 0, name
+    assert "different objective sets" not in table  # the report.md says why there are two
+    assert "do not share one objective set" in (root / "report.md").read_text()
+
+
+def test_duplicate_rows_are_reported(tmp_path):
+    root = tmp_path / "dups"
+    write_run(root, "0_mpo", "mpo", 0, {"mpo": policy((0.6, 0.7))})
+    write_run(root, "1_mpo_again", "mpo", 0, {"mpo": policy((0.2, 0.3))})
+    rep = build_report(root, plots=False)
+    assert len(rep["duplicates"]) == 1
+    assert "kept `0_mpo`, dropped `1_mpo_again`" in rep["table1"]
+    assert "| 0.1 | MPO | 60.0 ± 0.0 | 70.0 ± 0.0 |" in rep["table1"] and row(rep, "mpo")["seeds"] == 1
+    assert "Duplicates" in (root / "report.md").read_text()
+
+
+def test_normalisations_are_shown_and_never_averaged(tmp_path):
+    root = tmp_path / "norm"
+    for seed, norm in ((0, "zscore"), (1, "zscore"), (2, "partition")):
+        write_run(
+            root,
+            f"{seed}_morlhf",
+            "morlhf",
+            seed,
+            {"morlhf": policy((0.5 + seed / 10, 0.6))},
+            cost=RL_COST,
+            policy_costs=morlhf_costs(),
+            reward_normalization=norm,
+        )
+    write_run(root, "3_maxmin", "maxmin_rlhf", 0, {"maxmin_rlhf_group_min": policy((0.5, 0.5))})
+    rep = build_report(root, plots=False)
+    table = rep["table1"]
+    assert "MaxMin-RLHF → not recorded; MORLHF → partition, zscore." in table
+    assert "| 0.1 | MORLHF (uniform w) [partition] | 70.0 ± 0.0 |" in table
+    assert "| 0.1 | MORLHF (uniform w) [zscore] | 55.0 ± 7.1 |" in table
+    assert "never averaged" in table
+    assert {r["label"] for r in rep["costs"]} >= {
+        "MORLHF (uniform w) [partition]",
+        "MORLHF (uniform w) [zscore]",
+    }
+
+
+# ---- costs and lambda ---------------------------------------------------------------------------
+def test_policy_costs_are_summed_per_policy(tmp_path):
+    root = tmp_path / "cost"
+    soups = {
+        "reward_soup": {
+            "total": ["preferences", "dpo/helpful", "dpo/harmless", "soup/reward_soup"],
+            "post_processing": ["soup/reward_soup"],
+        },
+        "weighted_reward_soup": {
+            "total": ["preferences", "dpo/helpful", "dpo/harmless", "soup/weighted_reward_soup", *MPO_STAGES],
+            "post_processing": ["soup/weighted_reward_soup", *MPO_STAGES],
+        },
+    }
+    write_run(
+        root,
+        "0_soups",
+        "reward_soups",
+        0,
+        {"reward_soup": policy((0.5, 0.6)), "weighted_reward_soup": policy((0.55, 0.6))},
+        cost={"soup/reward_soup": stage(2, 1), "soup/weighted_reward_soup": stage(3, 2), **MPO_COST},
+        policy_costs=soups,
+    )
+    rep = build_report(root, plots=False)
+    rs, wrs = row_cost(rep, "reward_soup"), row_cost(rep, "weighted_reward_soup")
+    assert (rs["total_flops"], rs["post_flops"], rs["post_wall_s"]) == (211, 1, 2)
+    assert (wrs["total_flops"], wrs["post_flops"]) == (10 + 200 + 2 + 10, 12)
+    assert wrs["total_wall_s"] == pytest.approx(1 + 10 + 3 + 2.1)
+    assert "| 0.1 | Weighted RS | 16.1 | 222 | 70 / 35 | 5.1 | 12 |" in rep["cost"]
+
+
+def row_cost(rep: dict, name: str) -> dict:
+    return next(r for r in rep["costs"] if r["policy"] == name)
+
+
+def test_a_cost_stage_missing_is_an_error_naming_the_run(tmp_path, capsys):
+    root = tmp_path / "badcost"
+    write_run(
+        root,
+        "0_mpo",
+        "mpo",
+        0,
+        {"mpo": policy((0.6, 0.6))},
+        policy_costs={"mpo": {"total": ["preferences", "mpo/bsmd"], "post_processing": ["mpo/bsmd"]}},
+    )
+    with pytest.raises(ReportError, match=r"0_mpo.*'mpo/bsmd'"):
+        build_report(root, plots=False)
+    with pytest.raises(SystemExit, match="0_mpo"):
+        main([str(root), "--no-plots"])
+
+
+def test_lambda_table(tmp_path):
+    root = tmp_path / "lambda"
+    for seed, lam, std, gap in ((0, [0.4, 0.6], [0.02, 0.03], 1e-3), (1, [0.5, 0.5], [0.04, 0.05], 5e-4)):
+        write_run(
+            root,
+            f"{seed}_mpo",
+            "mpo",
+            seed,
+            {"mpo": policy((0.6, 0.6))},
+            cost=MPO_COST,
+            policy_costs=mpo_costs(),
+            bsmd={"objectives": OBJ, "step": [0], "trajectory": [[0.5, 0.5]], "fw_gap": gap},
+            **{"lambda": lam, "lambda_std": std},
+        )
+    # an older run: no bootstrap std, no FW gap; and a run of a method without lambda
+    write_run(
+        root,
+        "2_mpo",
+        "mpo",
+        0,
+        {"mpo": policy((0.6, 0.6))},
+        beta=0.5,
+        bsmd={"objectives": OBJ},
+        **{"lambda": [1, 0]},
+    )
+    write_run(root, "3_morlhf", "morlhf", 0, {"morlhf": policy((0.5, 0.5))})
+    rep = build_report(root, plots=False)
+    lam = rep["lambda"]
+    assert "| 0.1 | MPO | 0.450 ± 0.071 | 0.550 ± 0.071 | 0.030 / 0.040 | 1.00e-03 | 2 |" in lam
+    assert "| 0.5 | MPO | 1.000 ± 0.000 | 0.000 ± 0.000 | — / — | — | 1 |" in lam
+    assert "MORLHF" not in lam
+    assert (root / "lambda.md").read_text().strip() == lam.strip()
+    assert lam in (root / "report.md").read_text()
