@@ -234,8 +234,10 @@ class RewardSoupsMethod(Method):
         extras: dict = {}
         weights = None
         if self.mpo is not None:
-            lam = self.mpo.run(ctx).weights
+            mpo = self.mpo.run(ctx)
+            lam = mpo.weights
             weights = lam
+            extras.update({k: v for k, v in mpo.extras.items() if k in ("bsmd", "lambda_std")})
             policies.append(
                 MixedPolicy.single(self._soup(ctx, "weighted_reward_soup", [lam[o] for o in objectives]))
             )

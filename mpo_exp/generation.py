@@ -1,10 +1,31 @@
-"""Sampling responses from a (mixed) policy with ``transformers.generate``."""
+"""Sampling responses from a (mixed) policy with ``transformers.generate``.
+
+``sample`` draws from exactly pi(y|x) (or the mixed policy's token-level distribution), with the
+run's temperature and nothing else. That takes care: ``generate`` fills every field of the
+passed ``GenerationConfig`` that is ``None`` from the model's own ``generation_config`` (what a
+hub checkpoint ships in ``generation_config.json``: Qwen2.5-Instruct brings repetition_penalty
+1.05, top_k 20, top_p 0.8, temperature 0.7) and then from global defaults (``top_k=50``)
+— see ``GenerationMixin._prepare_generation_config`` in transformers 5.x
+(``generation/utils.py``: ``generation_config.update(**self.generation_config.to_dict(),
+defaults_only=True, ...)`` then ``generation_config.update(**global_defaults,
+defaults_only=True)``). Fields whose "off" value is ``None`` (``suppress_tokens``,
+``bad_words_ids``, ``min_p``, ``sequence_bias``, ``forced_eos_token_id``, ...) cannot be switched
+off by passing ``None``. So :func:`sample` (1) sets every field that can add a logits processor,
+warper or stopping rule to its neutral value, and (2) during the call swaps each model's
+``generation_config`` for a fresh default one, so that nothing left unset can be filled from
+the checkpoint. The temperature is applied by our own processor after the mixture, so
+``generate`` itself builds an empty processor list and ``MixtureLogitsProcessor`` sees raw
+logits.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper
 
 from mpo_exp.cost import CostMeter, n_params
 from mpo_exp.data import SequenceBatch, pad
@@ -22,6 +43,70 @@ def response_mask_until_eos(response_ids: torch.Tensor, eos_id: int) -> torch.Te
     return (before == 0).long()
 
 
+def ancestral_sampling_config(tokenizer, max_new_tokens: int) -> GenerationConfig:
+    """Plain ancestral sampling at temperature 1: every knob that could reshape the distribution,
+    add a processor or stop early is set to its neutral value (not left ``None``, which
+    ``generate`` would fill from the model's ``generation_config``)."""
+    return GenerationConfig(
+        do_sample=True,
+        num_beams=1,
+        num_return_sequences=1,
+        max_new_tokens=max_new_tokens,
+        min_length=0,  # min_new_tokens stays None: 0 would become min_length = prompt length
+        temperature=1.0,  # the run's temperature is applied by our own processor, after mixing
+        top_k=0,  # the global default would be 50
+        top_p=1.0,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        length_penalty=1.0,
+        no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0,
+        renormalize_logits=False,
+        remove_invalid_values=False,
+        use_cache=True,
+        output_scores=False,
+        output_logits=False,
+        return_dict_in_generate=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+
+
+@contextmanager
+def model_generation_defaults_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Replace the ``generation_config`` of ``model`` (and of any wrapped model, e.g. under a PEFT
+    wrapper) by a fresh default one for the duration, so ``generate`` cannot inherit sampling
+    settings from the checkpoint; the originals are put back afterwards (they are saved with the
+    model)."""
+    saved = []
+    for m in model.modules():
+        cfg = getattr(m, "generation_config", None)
+        if isinstance(cfg, GenerationConfig):
+            saved.append((m, cfg))
+            m.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for m, cfg in saved:
+            m.generation_config = cfg
+
+
+def sampling_processors(
+    weights: list[float], others: list[torch.nn.Module], prompt_mask: torch.Tensor, temperature: float
+) -> LogitsProcessorList:
+    """The only logits processing ``sample`` does: the K-model mixture, then the temperature."""
+    processors = LogitsProcessorList()
+    if others:
+        processors.append(MixtureLogitsProcessor(weights, others, prompt_mask))
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    return processors
+
+
 @torch.no_grad()
 def sample(
     policy: MixedPolicy,
@@ -32,21 +117,20 @@ def sample(
     meter: CostMeter | None = None,
     desc: str | None = None,
 ) -> SequenceBatch:
-    """One response per prompt (repeat prompts for more), ancestral sampling at ``temperature``."""
+    """One response per prompt (repeat prompts for more), ancestral sampling at ``temperature``.
+
+    Each token is drawn from softmax(log pi_lambda(.|prefix) / temperature), where log pi_lambda
+    is the model's log-softmax (or the mixture's, for several models), whatever sampling
+    settings the checkpoints' ``generation_config.json`` carry (see the module docstring).
+    """
+    temperature = float(temperature)
+    if not temperature > 0:
+        raise ValueError(f"sampling temperature must be > 0, got {temperature!r}")
     tok = policy.tokenizer
     models, weights = policy.live
     driver, others = models[0], models[1:]
     device = next(driver.parameters()).device
-    gen_cfg = GenerationConfig(
-        do_sample=True,
-        top_k=0,
-        top_p=1.0,
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=tok.bos_token_id,
-    )
+    gen_cfg = ancestral_sampling_config(tok, max_new_tokens)
     for m in models:
         m.eval()
     pieces = []
@@ -55,12 +139,11 @@ def sample(
     ):
         p_ids, p_mask = pad(prompts[s : s + batch_size], tok.pad_token_id, left=True)
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-        processors = LogitsProcessorList()
-        if len(models) > 1:
-            processors.append(MixtureLogitsProcessor(weights, others, p_mask))
-        out = driver.generate(
-            input_ids=p_ids, attention_mask=p_mask, generation_config=gen_cfg, logits_processor=processors
-        )
+        processors = sampling_processors(weights, others, p_mask, temperature)
+        with model_generation_defaults_disabled(driver):
+            out = driver.generate(
+                input_ids=p_ids, attention_mask=p_mask, generation_config=gen_cfg, logits_processor=processors
+            )
         r_ids = out[:, p_ids.shape[1] :].cpu()
         r_mask = response_mask_until_eos(r_ids, tok.eos_token_id)
         batch = SequenceBatch(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -17,20 +18,29 @@ from mpo_exp.evaluation import Evaluator
 from mpo_exp.methods import Method, PolicyCost, dpo_policies_cost
 from mpo_exp.mpo.mixing import MixedPolicy
 from mpo_exp.results import write_results
+from mpo_exp.runtime import configure_threads
 
 log = logging.getLogger(__name__)
 
 
-def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict:
-    """Run one job end to end and write ``results.json`` / ``results.md`` into ``output_dir``."""
+def run_pipeline(
+    cfg: DictConfig, output_dir: str | Path, announce: Callable[[dict], None] | None = None
+) -> dict:
+    """Run one job end to end and write ``results.json`` / ``results.md`` into ``output_dir``.
+
+    Each policy's evaluation is appended to ``evaluations.partial.jsonl`` as it completes, and
+    ``announce(results)`` (the CLI prints the table) runs before the result files are written,
+    so a failing disk at the end loses no computed number.
+    """
     start = time.perf_counter()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    configure_threads(cfg.get("num_threads"))
     run_key = config_key(
         {
             k: to_plain(v) if isinstance(v, DictConfig) else v
             for k, v in cfg.items()
-            if k not in ("paths", "logger", "trainer", "resume")
+            if k not in ("paths", "logger", "trainer", "resume", "num_threads")
         }
     )
     previous = output_dir / "results.json"
@@ -68,11 +78,14 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict:
         with ctx.meter.stage("eval/pi_ref_baseline"):
             baseline = ev.reference_rewards(ctx.meter)
         policies, examples = {}, {}
+        partial = output_dir / "evaluations.partial.jsonl"
+        partial.unlink(missing_ok=True)
         for pol in candidates:
             with ctx.meter.stage(f"eval/{pol.name}"):
                 res = ev.evaluate(pol, ctx.meter)
             policies[pol.name] = res.summary(ctx.task.objectives, baseline)
             examples[pol.name] = res.examples
+            _append_partial(partial, {"policy": pol.name, **policies[pol.name]})
 
         policy_costs = {name: cost.resolve(ctx.meter.stages) for name, cost in costs.items()}
         results = {
@@ -96,8 +109,20 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict:
             "wall_s_this_run": time.perf_counter() - start,
             **out.extras,
         }
+        if announce is not None:
+            announce(results)
         write_results(results, output_dir)
+        partial.unlink(missing_ok=True)
         tracking.log_results(logger, results)
         return results
     finally:
         tracking.finish(logger)
+
+
+def _append_partial(path: Path, record: dict) -> None:
+    """Best effort: a failing disk here is reported at the end, when results.json is written."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        log.warning("could not append to %s (%s); results are kept in memory", path, e)

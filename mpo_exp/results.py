@@ -10,8 +10,12 @@ from pathlib import Path
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # never leave an empty results.json.tmp behind
+        raise
 
 
 def format_table(results: dict) -> str:

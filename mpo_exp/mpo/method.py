@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from mpo_exp.generation import encode_prompts, sample
-from mpo_exp.methods import Method, MethodOutput
+from mpo_exp.methods import Method, MethodOutput, dpo_policies_cost
 from mpo_exp.mpo.bsmd import solve_bsmd
 from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
 from mpo_exp.scoring import score_sequences
@@ -68,6 +68,18 @@ def score_log_ratios(ctx: RunContext, n_prompts: int, samples_per_prompt: int) -
 
 
 class MPOMethod(Method):
+    """MPO: score log pi_k/pi_ref once on pi_ref samples, learn lambda by BSMD, mix.
+
+    Solver fields (see :func:`mpo_exp.mpo.bsmd.solve_bsmd`): ``steps``, ``lr_scale`` (c),
+    ``batch_prompts`` (None = every cached prompt per step), ``step_size`` ("adaptive":
+    AdaGrad-norm, scale-free; "fixed": the paper's c/sqrt(T)), ``average_from`` (fraction of
+    the steps after which iterates are averaged; 0 = the paper's full average).
+    ``gap_tolerance`` / ``gap_tolerance_abs``: a warning is logged when the Frank-Wolfe gap
+    exceeds max(gap_tolerance_abs, gap_tolerance · (F̂(uniform) - F̂(lambda) + gap)), i.e. when
+    more than a ``gap_tolerance`` fraction of the uniform start's excess F̂ may be left (absolute
+    floor in nats of F̂). ``bootstrap``: prompt-resampling replicates for lambda's std (0 = off).
+    """
+
     name = "mpo"
 
     def __init__(
@@ -76,9 +88,14 @@ class MPOMethod(Method):
         samples_per_prompt: int = 16,
         steps: int = 2000,
         lr_scale: float = 1.0,
-        batch_prompts: int = 8,
+        batch_prompts: int | None = None,
         exclude: list[str] | tuple[str, ...] = (),
         log_every: int = 10,
+        step_size: str = "adaptive",
+        average_from: float = 0.5,
+        gap_tolerance: float = 0.01,
+        gap_tolerance_abs: float = 1e-4,
+        bootstrap: int = 50,
     ) -> None:
         for field, value in [
             ("n_prompts", n_prompts),
@@ -87,12 +104,28 @@ class MPOMethod(Method):
             ("batch_prompts", batch_prompts),
             ("log_every", log_every),
         ]:
-            if int(value) < 1:
+            if value is not None and int(value) < 1:
                 raise ValueError(f"method.{field} must be >= 1, got {value}")
+        if n_prompts is None or samples_per_prompt is None or steps is None or log_every is None:
+            raise ValueError("method.n_prompts, samples_per_prompt, steps and log_every must be set")
         if not lr_scale > 0:
             raise ValueError(f"method.lr_scale must be > 0, got {lr_scale}")
+        if step_size not in ("adaptive", "fixed"):
+            raise ValueError(f"method.step_size must be 'adaptive' or 'fixed', got {step_size!r}")
+        if not 0 <= average_from < 1:
+            raise ValueError(f"method.average_from must be in [0, 1), got {average_from}")
+        if not gap_tolerance >= 0 or not gap_tolerance_abs >= 0:
+            raise ValueError(
+                f"method.gap_tolerance and method.gap_tolerance_abs must be >= 0, "
+                f"got {gap_tolerance} and {gap_tolerance_abs}"
+            )
+        if int(bootstrap) < 0 or int(bootstrap) == 1:
+            raise ValueError(f"method.bootstrap must be 0 (off) or >= 2 replicates, got {bootstrap}")
         self.n_prompts, self.samples_per_prompt, self.steps = n_prompts, samples_per_prompt, steps
         self.lr_scale, self.batch_prompts, self.log_every = lr_scale, batch_prompts, log_every
+        self.step_size, self.average_from = step_size, float(average_from)
+        self.gap_tolerance, self.gap_tolerance_abs = float(gap_tolerance), float(gap_tolerance_abs)
+        self.bootstrap = int(bootstrap)
         self.exclude = list(exclude)
 
     def validate(self, objectives: list[str]) -> None:
@@ -116,37 +149,85 @@ class MPOMethod(Method):
                 seed=ctx.seed,
                 objective_every=self.log_every,
                 progress=True,
+                step_size=self.step_size,
+                average_from=self.average_from,
+                bootstrap=self.bootstrap,
             )
         lam = torch.zeros(len(names))
         lam[keep] = res.weights
         weights = dict(zip(names, lam.tolist(), strict=True))
+        lam_std = None
+        if res.weights_std is not None:
+            std = torch.zeros(len(names))
+            std[keep] = res.weights_std
+            lam_std = std.tolist()
+        tolerance = res.gap_tolerance(self.gap_tolerance, self.gap_tolerance_abs)
         log.info(
-            "MPO lambda = %s  (F = %.4f, eta = %.4f)",
+            "MPO lambda = %s%s  (F(lambda) = %.4f, Frank-Wolfe gap = %.3g <= tolerance %.3g: %s; "
+            "step size %s, last eta = %.4g, %d prompts/step)",
             {k: round(v, 4) for k, v in weights.items()},
-            res.final_objective,
+            ""
+            if lam_std is None
+            else f" ± {dict(zip(names, [round(v, 4) for v in lam_std], strict=True))}"
+            f" (bootstrap std, {self.bootstrap} replicates)",
+            res.objective_at_weights,
+            res.fw_gap,
+            tolerance,
+            res.fw_gap <= tolerance,
+            res.step_size,
             res.lr,
+            res.batch_prompts,
         )
+        if res.fw_gap > tolerance:
+            log.warning(
+                "MPO: BSMD's lambda is not certified: Frank-Wolfe gap %.3g > tolerance %.3g, so F(lambda) "
+                "may be up to %.3g above its minimum on the cached scores. Raise method.steps (now %d), use "
+                "every cached prompt per step (method.batch_prompts=null, now %s), method.step_size=adaptive "
+                "(now %s) or a later method.average_from (now %g); more cached samples "
+                "(method.n_prompts, method.samples_per_prompt) shrink lambda's statistical error instead.",
+                res.fw_gap,
+                tolerance,
+                res.fw_gap,
+                self.steps,
+                self.batch_prompts,
+                self.step_size,
+                self.average_from,
+            )
         for t in range(0, self.steps + 1, self.log_every):
             metrics = {f"mpo/lambda_{names[i]}": float(res.trajectory[t, j]) for j, i in enumerate(keep)}
             metrics["mpo/F"] = float(res.objective[t])
             metrics["mpo/step"] = t
             ctx.log_metrics(metrics)
+        ctx.log_metrics({"mpo/fw_gap": res.fw_gap, "mpo/F_at_lambda": res.objective_at_weights})
         name = "mpo" if not self.exclude else "mpo_without_" + "_".join(self.exclude)
         policy = MixedPolicy(name, [singles[n] for n in names], lam.tolist())
         every = slice(None, None, self.log_every)
+        kept_std = None if res.weights_std is None else res.weights_std.tolist()
         return MethodOutput(
             policies=[policy],
+            # the mixture needs the kept pi_k's DPO runs plus MPO's own sampling, scoring and BSMD
+            costs={name: dpo_policies_cost([names[i] for i in keep], "mpo/")},
             weights=weights,
-            own_stages=("mpo/",),
             extras={
+                "lambda_std": lam_std,  # bootstrap std per objective (all objectives; 0 if excluded)
                 "bsmd": {
                     "objectives": [names[i] for i in keep],
                     "step": list(range(0, self.steps + 1))[every],
                     "trajectory": res.trajectory[every].tolist(),
                     "objective": res.objective[every].tolist(),
                     "final_F": res.final_objective,
+                    "F_at_lambda": res.objective_at_weights,
+                    "F_at_uniform": res.objective_at_init,
                     "lr": res.lr,
-                }
+                    "step_size": res.step_size,
+                    "batch_prompts": res.batch_prompts,
+                    "average_from_step": res.average_from,
+                    "fw_gap": res.fw_gap,
+                    "fw_gap_tolerance": tolerance,
+                    "certified": res.fw_gap <= tolerance,
+                    # std in the order of bsmd.objectives (the mixed objectives)
+                    "bootstrap": {"replicates": self.bootstrap, "std": kept_std},
+                },
             },
         )
 
@@ -166,7 +247,9 @@ class FixedMixMethod(Method):
         singles = ctx.single_objective_policies
         w = resolve_weights(self.weights, list(singles))
         label = "_".join(f"{v:.2f}" for v in w)
+        name = f"fixed_mix_{label}"
         return MethodOutput(
-            [MixedPolicy(f"fixed_mix_{label}", list(singles.values()), w)],
+            [MixedPolicy(name, list(singles.values()), w)],
+            costs={name: dpo_policies_cost([o for o, x in zip(singles, w, strict=True) if x > 0])},
             weights=dict(zip(singles, w, strict=True)),
         )

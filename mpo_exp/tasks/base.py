@@ -26,6 +26,10 @@ class Task(ABC):
     def corpus(self, n: int, seed: int) -> list[tuple[str, str]]:
         """(prompt, response) pairs to fine-tune the reference policy on."""
 
+    def prompt_length_bound(self) -> int | None:
+        """The longest prompt in tokens if cheaply known (checked against the model context)."""
+        return None
+
     @abstractmethod
     def rewards(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Oracle rewards, shape (n, K) in the order of :attr:`objectives`."""

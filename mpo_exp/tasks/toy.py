@@ -160,6 +160,9 @@ class ToyTask(Task):
         rng = random.Random(seed)
         return [rng.choice(pool) for _ in range(n)]
 
+    def prompt_length_bound(self) -> int:
+        return max(len(p.split()) for pool in self._splits.values() for p in pool)
+
     def _word(self, topic: str, category: str, rng: random.Random) -> str:
         if category == "on_topic":
             return rng.choice(TOPICS[topic][0])
