@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from baselines.aggregation import RewardAggregator, group_min, sample_min, weighted_sum
-from baselines.normalization import Normalizer, partition_shift
 from baselines.em import em_user_groups, purity
+from baselines.normalization import Normalizer, partition_shift
 from baselines.ppo import gae, kl_penalised_rewards, masked_whiten
 from baselines.reward_model import bt_loss
 from baselines.soups import average_state_dicts

@@ -58,7 +58,9 @@ def test_artifact_is_built_once_then_reused(tmp_path):
     assert not first.reused and second.reused and len(calls) == 1
     assert (second.path / "x.txt").read_text() == "hello"
     assert second.meta["cost"] == {"s": 1}
-    assert json.loads((first.path / "meta.json").read_text())["spec"] == {"k": 1}
+    meta = json.loads((first.path / "meta.json").read_text())
+    assert meta["spec"] == {"k": 1}
+    assert meta["files"]["x.txt"]["size"] == 5  # sizes and sha256 of every file, checked on reuse
 
 
 def test_a_failed_build_leaves_nothing_that_looks_finished(tmp_path):
@@ -72,7 +74,8 @@ def test_a_failed_build_leaves_nothing_that_looks_finished(tmp_path):
         store.get_or_build("kind", {"k": 2}, crash)
     key = config_key({"k": 2})
     assert not store.path("kind", key).exists()
-    # the next builder removes the stale temporary directory and succeeds
+    # the failed build removed its temporary directory; the next builder succeeds
+    assert not list((tmp_path / "kind").glob(f"{key}.tmp-*"))
     art = store.get_or_build("kind", {"k": 2}, lambda tmp: (tmp / "ok").write_text("1") and None)
     assert (art.path / "ok").exists()
     assert not list((tmp_path / "kind").glob(f"{key}.tmp-*"))

@@ -1,14 +1,124 @@
-"""Pieces every training stage shares: the optimiser, cost accounting and the fit loop."""
+"""Pieces every training stage shares: the optimiser, cost accounting and the fit loop.
+
+:func:`fit` refuses to return a diverged model: every loss that Lightning backpropagates (the
+``on_before_backward`` hook, which both automatic optimisation and ``manual_backward`` -- as in
+PPO -- go through), every loss a step returns or logs (``*loss`` metrics), and after training
+every parameter are checked to be finite. Otherwise :class:`NonFiniteLossError` is raised, so a
+cached stage built around ``fit`` fails and caches nothing.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mpo_exp.cost import CostMeter, n_params
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training stage's loss (or, after training, a parameter) became NaN or infinite."""
+
+
+# the config group whose ``module`` builds each stage, for the hint in NonFiniteLossError
+_CONFIG_GROUP = {
+    "SFTModule": "sft",
+    "DPOModule": "dpo",
+    "RewardModelModule": "reward_model",
+    "PPOModule": "rl",
+}
+
+
+def stage_name(module: torch.nn.Module) -> str:
+    """The module class plus what tells its instances apart (objective, estimator)."""
+    name = type(module).__name__
+    extra = [f"{a}={getattr(module, a)!r}" for a in ("objective", "estimator") if hasattr(module, a)]
+    return f"{name}({', '.join(extra)})" if extra else name
+
+
+def _hint(module: torch.nn.Module) -> str:
+    group = _CONFIG_GROUP.get(type(module).__name__, "<stage>")
+    fields = [f"the learning rate ({group}.module.lr, here {getattr(module, 'lr', '?')})"]
+    if hasattr(module, "beta") or group == "<stage>":
+        fields.append(f"the KL coefficient (config `beta`, here {getattr(module, 'beta', '?')})")
+    if hasattr(module, "warmup_steps"):
+        fields.append(f"{group}.module.warmup_steps")
+    if hasattr(module, "max_grad_norm"):
+        fields.append(f"{group}.module.max_grad_norm")
+    fields.append("trainer.precision")
+    return f"Check {', '.join(fields)}. A cached stage that trains this way is not cached."
+
+
+def check_finite(loss, stage: str, step: int | str, hint: str = "", what: str = "loss") -> None:
+    """Raise :class:`NonFiniteLossError` unless ``loss`` (tensor or number) is finite everywhere."""
+    if loss is None:
+        return
+    if isinstance(loss, torch.Tensor):
+        ok = bool(torch.isfinite(loss.detach()).all())
+        shown = loss.detach().float().flatten()[:4].tolist() if loss.numel() else []
+        shown = shown[0] if len(shown) == 1 else shown
+    else:
+        try:
+            shown = float(loss)
+        except (TypeError, ValueError):
+            return
+        ok = math.isfinite(shown)
+    if not ok:
+        raise NonFiniteLossError(f"{stage}: {what} is {shown} at step {step}. {hint}".rstrip())
+
+
+def check_parameters_finite(module: torch.nn.Module, stage: str, hint: str = "") -> None:
+    """Raise :class:`NonFiniteLossError` naming the first parameter with a NaN or inf entry."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise NonFiniteLossError(
+                    f"{stage}: parameter {name!r} has non-finite values after training. {hint}".rstrip()
+                )
+
+
+class FiniteLossGuard(pl.Callback):
+    """Stops training at the first non-finite loss.
+
+    * ``on_before_backward``: every tensor about to be backpropagated, for automatic optimisation
+      and for ``manual_backward`` alike (PPO/RLOO), before it can reach the weights;
+    * ``on_train_batch_end``: the loss a ``training_step`` returned (``outputs["loss"]``);
+    * ``on_train_batch_start`` / ``on_train_end``: logged metrics whose name ends in ``loss``
+      (``trainer.callback_metrics``, refreshed after ``on_train_batch_end``, hence one batch late),
+      for modules that backpropagate outside Lightning.
+    """
+
+    @staticmethod
+    def _fail_if_nonfinite(trainer, module, value, what: str, step: int) -> None:
+        where = f"{step} (epoch {trainer.current_epoch})"
+        check_finite(value, stage_name(module), where, _hint(module), what)
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        # global_step counts completed optimizer steps: this loss is for the next one
+        self._fail_if_nonfinite(
+            trainer, pl_module, loss, "the loss being backpropagated", trainer.global_step + 1
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor | float | int):
+            what = f"the loss returned for batch {batch_idx}"
+            self._fail_if_nonfinite(trainer, pl_module, loss, what, trainer.global_step)
+
+    def _check_logged(self, trainer, pl_module) -> None:
+        for name, value in trainer.callback_metrics.items():
+            if name.endswith("loss"):
+                what = f"the logged metric {name!r}"
+                self._fail_if_nonfinite(trainer, pl_module, value, what, trainer.global_step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._check_logged(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._check_logged(trainer, pl_module)
 
 
 class PolicyModule(pl.LightningModule):
@@ -47,7 +157,10 @@ def fit(
     logger=None,
     seed: int = 0,
 ) -> None:
-    """Train ``module`` for ``max_steps`` optimiser steps over shuffled ``dataset``."""
+    """Train ``module`` for ``max_steps`` optimiser steps over shuffled ``dataset``.
+
+    Raises :class:`NonFiniteLossError` if a loss or, after training, a parameter is NaN or inf.
+    """
     module.meter = meter
     loader = DataLoader(
         dataset,
@@ -57,6 +170,11 @@ def fit(
         generator=torch.Generator().manual_seed(seed),
     )
     trainer = trainer_factory(max_steps=max_steps, max_epochs=-1, logger=logger if logger else False)
+    # appended rather than passed, so a trainer factory that sets its own callbacks keeps working
+    trainer.callbacks.append(FiniteLossGuard())
     module.train()  # models loaded with from_pretrained arrive in eval mode; Lightning keeps submodule modes
-    trainer.fit(module, train_dataloaders=loader)
-    module.eval()
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+    finally:
+        module.eval()
+    check_parameters_finite(module, stage_name(module), _hint(module))
