@@ -165,3 +165,49 @@ def test_a_local_model_path_passes_validation(tmp_path):
         ["model=hf", f"model.name_or_path={model}", *_hf(tmp_path), "paths.output_dir=/tmp/x"]
     )
     validate_config(cfg)  # no error: a real local model and data set are accepted
+
+
+def test_a_full_disk_fails_before_compute(tmp_path, monkeypatch, capsys):
+    """The output disk is checked with a real write (and fsync) before the first stage."""
+    import errno
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    cfg = compose_config(
+        [f"paths.cache_dir={tmp_path / 'c'}", f"paths.output_dir={tmp_path / 'out'}", "logger=none"]
+    )
+    with pytest.raises(SystemExit):
+        run_job(cfg, cfg.paths.output_dir)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mpo-exp: error: paths.output_dir=") and "No space left on device" in err
+    assert not list((tmp_path / "out").iterdir())  # the probe is removed again
+
+
+def test_results_survive_a_failing_disk_at_the_end(smoke_cfg, tmp_path, monkeypatch):
+    """Compute finished, then results.json cannot be written: the table was already announced,
+    every policy's evaluation is in evaluations.partial.jsonl, and no empty .tmp is left."""
+    import errno
+    from pathlib import Path as RealPath
+
+    from mpo_exp.pipeline import run_pipeline
+
+    write_text = RealPath.write_text
+
+    def disk_full_for_results(self, text, *args, **kwargs):
+        if self.name.startswith("results."):
+            self.open("w").close()  # the file is created, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, text, *args, **kwargs)
+
+    announced = []
+    monkeypatch.setattr(RealPath, "write_text", disk_full_for_results)
+    with pytest.raises(OSError, match="No space"):
+        run_pipeline(smoke_cfg("method=fixed_mix"), tmp_path / "job", announce=announced.append)
+    assert announced and "fixed_mix_0.33_0.33_0.33" in announced[0]["policies"]
+    rows = [
+        json.loads(line) for line in (tmp_path / "job" / "evaluations.partial.jsonl").read_text().splitlines()
+    ]
+    assert [r["policy"] for r in rows] == list(announced[0]["policies"])
+    assert not list((tmp_path / "job").glob("*.tmp"))

@@ -58,22 +58,48 @@ def test_cached_decoding_matches_full_recompute(tiny_policies, prompts):
             torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(len(prompts)), atol=1e-5, rtol=0)
 
 
-def test_scoring_agrees_with_decoding(tiny_policies, prompts):
-    """log pi_lambda(y|x) from teacher-forced scoring equals the sum of the decoder's log-probs."""
+def spy_on_generate(monkeypatch, model) -> list:
+    """Make ``model.generate`` also return its processed scores (what it sampled from), per call."""
+    captured = []
+    original = model.generate
+
+    def generate(*args, **kwargs):
+        out = original(*args, **kwargs, output_scores=True, return_dict_in_generate=True)
+        captured.append((out.sequences, torch.stack(out.scores, 1)))  # (B, T), (B, R, V)
+        return out.sequences
+
+    monkeypatch.setattr(model, "generate", generate)
+    return captured
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]], ids=["mixture", "single"])
+def test_scoring_agrees_with_decoding(monkeypatch, tiny_policies, prompts, weights):
+    """Teacher-forced log pi_lambda(y_t|x, y_<t) equals the log-prob the decoder sampled y_t with.
+
+    The decoder's distribution is read from inside ``sample``: the scores ``generate`` sampled
+    from after every logits processor (the mixture processor's log-softmax, or the single
+    model's raw logits). Prompts of different lengths exercise left padding.
+    """
+    mix = MixedPolicy("mix", tiny_policies, weights)
+    models, live_weights = mix.live
+    captured = spy_on_generate(monkeypatch, models[0])
     torch.manual_seed(0)
-    mix = MixedPolicy("mix", tiny_policies, [0.5, 0.25, 0.25])
-    batch = sample(mix, prompts, max_new_tokens=6)
-    models, weights = mix.live
+    batch = sample(mix, prompts * 3, max_new_tokens=6)
+    assert len(captured) == 1
+    sequences, scores = captured[0]
+    p = batch.prompt_ids.shape[1]
+    assert len({len(x) for x in prompts}) == len(prompts) and bool((batch.prompt_mask == 0).any())
+    assert torch.equal(sequences[:, :p], batch.prompt_ids)
+    r = batch.response_ids.shape[1]
+    assert scores.shape[:2] == (len(batch), r) and r == 6
+    decoder = F.log_softmax(scores.float(), -1).gather(-1, sequences[:, p:].unsqueeze(-1)).squeeze(-1)
+    decoder = decoder * batch.response_mask
+    assert bool(torch.isfinite(decoder).all())
     with torch.no_grad():
-        scored = token_logprobs(models, weights, batch)
-        ids, mask = batch.input_ids, batch.attention_mask
-        p = batch.prompt_ids.shape[1]
-        for j in range(batch.response_ids.shape[1]):
-            logits = [full_next_token_logits(m, ids[:, : p + j], mask[:, : p + j]) for m in models]
-            step = (
-                mixture_log_softmax(logits, weights).gather(-1, batch.response_ids[:, j : j + 1]).squeeze(-1)
-            )
-            torch.testing.assert_close(scored[:, j], step * batch.response_mask[:, j], atol=1e-4, rtol=0)
+        scored = token_logprobs(models, live_weights, batch)
+    torch.testing.assert_close(scored, decoder, atol=1e-4, rtol=0)
+    # and the sequence log-probs, the quantity MPO and the evaluation use
+    torch.testing.assert_close(scored.sum(-1), decoder.sum(-1), atol=1e-4, rtol=0)
 
 
 def test_mixed_sampling_is_seeded_and_stops_at_eos(tiny_policies, prompts):
