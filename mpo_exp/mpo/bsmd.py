@@ -23,6 +23,7 @@ scores, and optionally a bootstrap over prompts of lambda (vectorised over repli
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -110,6 +111,7 @@ class BSMDResult:
     batch_prompts: int = 0  # prompts per step actually used
     average_from: int = 0  # the output averages lambda^average_from .. lambda^{T-1}
     bootstrap_weights: torch.Tensor | None = None  # (B, K) solutions on prompt-resampled caches
+    lr_scale: float = 1.0  # c in the step-size rule
 
     @property
     def final_objective(self) -> float:
@@ -199,6 +201,60 @@ def _run_eg(
     return {"weights": avg, "last": lam, "trajectory": trajectory, "objective": objective, "eta": eta}
 
 
+def _bootstrap(
+    ell: torch.Tensor,
+    replicates: int,
+    lam0: torch.Tensor,
+    steps: int,
+    lr_scale: float,
+    b: int,
+    step_size: str,
+    start_avg: int,
+    seed: int,
+) -> torch.Tensor:
+    """Re-solve on ``replicates`` caches whose prompts are resampled with replacement: (B, K)."""
+    n, m, k = ell.shape
+    boot_gen = torch.Generator().manual_seed(seed + 1)
+    idx = torch.randint(n, (replicates, n), generator=boot_gen)
+    chunk = max(1, (1 << 22) // (n * m * k))  # a chunk's resampled cache stays ~<= 32 MB
+    parts = [
+        _run_eg(ell[idx[i : i + chunk]], lam0, steps, lr_scale, b, step_size, start_avg, boot_gen)["weights"]
+        for i in range(0, replicates, chunk)
+    ]
+    return torch.cat(parts).float()
+
+
+def bootstrap_bsmd(
+    result: BSMDResult, log_ratios: torch.Tensor, replicates: int, seed: int = 0
+) -> BSMDResult:
+    """``result`` with its bootstrap over prompts added (the same settings as the solve that made it).
+
+    Separate from :func:`solve_bsmd` so that a pipeline can meter it as a diagnostic: λ's
+    statistical error is reported, but no method needs it.
+    """
+    if replicates < 2:
+        raise ValueError(f"bootstrap must be >= 2 replicates, got {replicates}")
+    ell = _check_log_ratios(log_ratios)
+    k = ell.shape[-1]
+    lam0 = result.trajectory[0].double()
+    lam0 = lam0 / lam0.sum()
+    steps = result.trajectory.shape[0] - 1
+    lr_scale = result.lr_scale
+    boot = _bootstrap(
+        ell,
+        replicates,
+        lam0,
+        steps,
+        lr_scale,
+        result.batch_prompts,
+        result.step_size,
+        result.average_from,
+        seed,
+    )
+    assert boot.shape[-1] == k
+    return dataclasses.replace(result, bootstrap_weights=boot)
+
+
 def solve_bsmd(
     log_ratios: torch.Tensor,
     steps: int = 2000,
@@ -262,17 +318,7 @@ def solve_bsmd(
 
     boot = None
     if bootstrap:
-        boot_gen = torch.Generator().manual_seed(seed + 1)
-        idx = torch.randint(n, (bootstrap, n), generator=boot_gen)
-        # chunk the replicates so that a chunk's resampled cache stays ~<= 32 MB
-        chunk = max(1, (1 << 22) // (n * m * k))
-        parts = [
-            _run_eg(ell[idx[i : i + chunk]], lam0, steps, lr_scale, b, step_size, start_avg, boot_gen)[
-                "weights"
-            ]
-            for i in range(0, bootstrap, chunk)
-        ]
-        boot = torch.cat(parts).float()
+        boot = _bootstrap(ell, bootstrap, lam0, steps, lr_scale, b, step_size, start_avg, seed)
 
     # F̂ at the answer, at lambda^0 and at the vertices; the gradient at the answer for the certificate
     points = torch.cat([weights.unsqueeze(0), lam0.unsqueeze(0), torch.eye(k, dtype=torch.float64)])
@@ -292,4 +338,5 @@ def solve_bsmd(
         batch_prompts=b,
         average_from=start_avg,
         bootstrap_weights=boot,
+        lr_scale=lr_scale,
     )

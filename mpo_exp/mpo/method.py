@@ -14,7 +14,7 @@ import torch
 
 from mpo_exp.generation import encode_prompts, sample
 from mpo_exp.methods import Method, MethodOutput, dpo_policies_cost
-from mpo_exp.mpo.bsmd import solve_bsmd
+from mpo_exp.mpo.bsmd import bootstrap_bsmd, solve_bsmd
 from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
 from mpo_exp.scoring import score_sequences
 
@@ -151,8 +151,10 @@ class MPOMethod(Method):
                 progress=True,
                 step_size=self.step_size,
                 average_from=self.average_from,
-                bootstrap=self.bootstrap,
             )
+        if self.bootstrap:  # lambda's statistical error: reported, needed by no method
+            with ctx.meter.stage("diagnostics/mpo_bootstrap"):
+                res = bootstrap_bsmd(res, ell[..., keep], self.bootstrap, seed=ctx.seed)
         lam = torch.zeros(len(names))
         lam[keep] = res.weights
         weights = dict(zip(names, lam.tolist(), strict=True))
