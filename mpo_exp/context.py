@@ -120,17 +120,23 @@ class RunContext:
     def reference(self) -> MixedPolicy:
         """pi_ref: the SFT model, as a one-model mixed policy."""
         cfg = self.cfg
-        spec = {
-            "task": to_plain(cfg.task),
-            "model": to_plain(cfg.model),
-            "sft": to_plain(cfg.sft),
-            "seed": self.seed,
-        }
+        model = {k: v for k, v in to_plain(cfg.model).items() if k != "cache_dir"}  # where, not what
+        steps = int(cfg.sft.max_steps)
+        if steps == 0 and getattr(self.model_spec, "deterministic", False) and self.tokenizer is None:
+            # pi_ref is the model as loaded: the same for every task, seed and SFT setting
+            spec = {"model": model, "sft": {"max_steps": 0}}
+        else:
+            spec = {"task": to_plain(cfg.task), "model": model, "sft": to_plain(cfg.sft), "seed": self.seed}
 
         def build(tmp: Path) -> None:
             self.reseed(1)
             policy: Policy = self.model_spec.build(self.tokenizer)
             tok = policy.tokenizer
+            self.task.bind_tokenizer(tok)
+            if steps == 0:  # sft.max_steps=0: no corpus, no training
+                log.info("sft.max_steps=0: pi_ref is the model as loaded")
+                save_policy(policy, tmp)
+                return
             corpus = self.task.corpus(int(cfg.sft.n_examples), self.seed)
             prompts = encode_prompts(tok, [p for p, _ in corpus])
             responses = [ids + [tok.eos_token_id] for ids in encode_prompts(tok, [r for _, r in corpus])]
@@ -141,7 +147,14 @@ class RunContext:
             save_policy(policy, tmp)
 
         art = self.cached_stage("sft", "sft", spec, build)
-        return MixedPolicy.single(load_policy(art.path, name="pi_ref").eval(), name="pi_ref")
+        policy = load_policy(art.path, name="pi_ref", dtype=self.dtype).eval()
+        self.task.bind_tokenizer(policy.tokenizer)
+        return MixedPolicy.single(policy, name="pi_ref")
+
+    @property
+    def dtype(self) -> str:
+        """The model spec's dtype (``model.dtype``), used for every policy loaded from the cache."""
+        return str(getattr(self.model_spec, "dtype", "float32"))
 
     @cached_property
     def pairs(self) -> PairSet:
@@ -200,7 +213,9 @@ class RunContext:
 
             def build(tmp: Path, k: int = k, objective: str = objective) -> None:
                 self.reseed(10 + k)
-                policy = load_policy(self.store.path("sft", self.keys["sft"]), name=objective)
+                policy = load_policy(
+                    self.store.path("sft", self.keys["sft"]), name=objective, dtype=self.dtype
+                )
                 data = pairs.dataset(k, ref.tokenizer.pad_token_id, drop_ties=bool(cfg.drop_ties))
                 log.info("DPO for '%s' on %d pairs (beta=%s)", objective, len(data), self.beta)
                 model = self.model_spec.trainable(policy.model)
@@ -209,5 +224,5 @@ class RunContext:
                 save_policy(policy, tmp)
 
             art = self.cached_stage(f"dpo/{objective}", "dpo", spec, build)
-            out[objective] = load_policy(art.path, name=f"pi_{objective}").eval()
+            out[objective] = load_policy(art.path, name=f"pi_{objective}", dtype=self.dtype).eval()
         return out

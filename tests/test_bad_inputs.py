@@ -64,7 +64,7 @@ BAD = [
     (["seed=1.5"], "seed must be a non-negative integer"),
     (["seed=-1"], "seed must be a non-negative integer"),
     (["dpo.module.beta=0.5"], "dpo.module.beta=0.5 differs from beta=0.1"),
-    (["sft.max_steps=0"], "sft.max_steps must be an integer >= 1"),
+    (["sft.max_steps=-1"], "sft.max_steps must be a non-negative integer"),  # 0: pi_ref as loaded
     (["rl.batch_size=1.5"], "rl.batch_size"),
     (["inference_batch_size=0"], "inference_batch_size"),
     (["num_threads=0"], "num_threads"),

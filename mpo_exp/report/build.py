@@ -21,6 +21,7 @@ from mpo_exp.report.plots import make_plots
 from mpo_exp.report.stats import DEFAULT_B, PromptBootstrap
 from mpo_exp.report.tables import (
     ablation_markdown,
+    closed_form_markdown,
     cost_markdown,
     cost_rows,
     lambda_markdown,
@@ -57,7 +58,13 @@ def build_report(
     multi = len(groups) > 1
     boot = PromptBootstrap(n_boot)
     h = "###" if multi else "##"
-    md_parts: dict[str, list[str]] = {"table1": [], "cost": [], "lambda": [], "ablation": []}
+    md_parts: dict[str, list[str]] = {
+        "table1": [],
+        "cost": [],
+        "lambda": [],
+        "ablation": [],
+        "closed_form": [],
+    }
     report_parts: list[str] = []
     rows, costs, lambdas, images, dups, tables = [], [], [], [], [], []
     for objectives, runs in groups:
@@ -78,7 +85,14 @@ def build_report(
         lam_rows = lambda_rows(objectives, runs)
         lam_md = lambda_markdown(objectives, lam_rows) if lam_rows else None
         ablation = ablation_markdown(objectives, records)
-        for key, text in (("table1", md), ("cost", cost_md), ("lambda", lam_md), ("ablation", ablation)):
+        closed = closed_form_markdown(objectives, records, boot)
+        for key, text in (
+            ("table1", md),
+            ("cost", cost_md),
+            ("lambda", lam_md),
+            ("ablation", ablation),
+            ("closed_form", closed),
+        ):
             if text:
                 md_parts[key].append(f"{heading}\n\n{text}" if multi else text)
         if multi:
@@ -88,6 +102,8 @@ def build_report(
             report_parts += ["", f"{h} MPO's λ", "", lam_md]
         if ablation:
             report_parts += ["", f"{h} Leave-one-out ablation (z-normalised reward)", "", ablation]
+        if closed:
+            report_parts += ["", f"{h} RL against its closed form", "", closed]
         if plots:
             images += make_plots(objectives, runs, t1.rows, group_costs, out, suffix)
         rows += t1.rows
@@ -102,7 +118,7 @@ def build_report(
     texts = {key: "\n\n".join(parts) or None for key, parts in md_parts.items()}
     (out / "table1.md").write_text(table1_md + "\n")
     (out / "cost.md").write_text(texts["cost"] + "\n")
-    for key in ("lambda", "ablation"):
+    for key in ("lambda", "ablation", "closed_form"):
         if texts[key]:
             (out / f"{key}.md").write_text(texts[key] + "\n")
 
@@ -131,6 +147,7 @@ def build_report(
         "cost": texts["cost"],
         "lambda": texts["lambda"],
         "ablation": texts["ablation"],
+        "closed_form": texts["closed_form"],
         "duplicates": dups,
         "images": images,
         "rows": rows,

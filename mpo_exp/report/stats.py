@@ -59,6 +59,14 @@ class PromptBootstrap:
             per_seed.append(rates.min(axis=1))
         return np.mean(per_seed, axis=0)
 
+    def rate_draws(self, outcomes_by_seed: dict[int, np.ndarray]) -> np.ndarray:
+        """(B, K) draws of the per-objective win rates, averaged over seeds."""
+        per_seed = [
+            self.counts(run_seed, w.shape[1]) @ w.T / w.shape[1]
+            for run_seed, w in sorted(outcomes_by_seed.items())
+        ]
+        return np.mean(per_seed, axis=0)
+
 
 def interval(draws: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     """Percentile interval of bootstrap draws."""

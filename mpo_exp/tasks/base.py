@@ -26,6 +26,11 @@ class Task(ABC):
     def corpus(self, n: int, seed: int) -> list[tuple[str, str]]:
         """(prompt, response) pairs to fine-tune the reference policy on."""
 
+    def bind_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:  # noqa: B027 -- optional hook
+        """Called with pi_ref's tokenizer once it exists (when pi_ref is built and when it is loaded
+        from the cache), before any prompt is drawn. A task that renders prompts with the model's
+        chat template keeps it here; the default does nothing."""
+
     def prompt_length_bound(self) -> int | None:
         """The longest prompt in tokens if cheaply known (checked against the model context)."""
         return None
