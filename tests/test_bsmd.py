@@ -392,3 +392,17 @@ def test_mpo_method_rejects_bad_solver_fields(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         MPOMethod(**kwargs)
+
+
+def test_sample_coverage_measures_how_well_pi_ref_samples_stand_for_pi_k():
+    from mpo_exp.mpo.method import sample_coverage
+
+    m = 8
+    ell = torch.zeros(5, m, 2, dtype=torch.float64)  # objective a: pi_a = pi_ref on the samples
+    ell[:, 0, 1] = 0.0
+    ell[:, 1:, 1] = -30.0  # objective b: one sample carries all the weight, the rest ~ nothing
+    cov = sample_coverage(ell, ["a", "b"])
+    assert cov["a"]["F_vertex"] == pytest.approx(0.0, abs=1e-12) and cov["a"]["ess"] == pytest.approx(m)
+    assert cov["b"]["F_vertex"] == pytest.approx(-math.log(m), abs=1e-9)  # log((1 + 7e-30·...)/8)
+    assert cov["b"]["ess"] == pytest.approx(1.0, abs=1e-9)
+    assert cov["b"]["samples_per_prompt"] == m

@@ -6,6 +6,7 @@ Also the fixed-weight mixture (the closed-form MORLHF optimum pi_w ∝ prod_k pi
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,6 +68,25 @@ def score_log_ratios(ctx: RunContext, n_prompts: int, samples_per_prompt: int) -
     return torch.load(art.path / "log_ratios.pt")["log_ratios"]
 
 
+def sample_coverage(log_ratios: torch.Tensor, names: list[str]) -> dict[str, dict[str, float]]:
+    """How well the cached pi_ref samples stand for each pi_k, per objective.
+
+    ``F_vertex``: F-hat(e_k) = mean_x log (1/m) sum_j pi_k(y_j|x)/pi_ref(y_j|x). Its exact value is
+    log E_{pi_ref} pi_k/pi_ref = 0; the estimate is biased low (the log of a sample mean), and by
+    much when pi_k puts its mass where m samples of pi_ref rarely go. ``ess``: the importance
+    weights' effective sample size (sum w)^2 / sum w^2, mean over prompts, out of m.
+    """
+    ell = log_ratios.double()
+    m = ell.shape[1]
+    f_vertex = (torch.logsumexp(ell, dim=1) - math.log(m)).mean(0)
+    w = torch.softmax(ell, dim=1)
+    ess = (1.0 / (w**2).sum(1)).mean(0)
+    return {
+        n: {"F_vertex": float(f_vertex[i]), "ess": float(ess[i]), "samples_per_prompt": m}
+        for i, n in enumerate(names)
+    }
+
+
 class MPOMethod(Method):
     """MPO: score log pi_k/pi_ref once on pi_ref samples, learn lambda by BSMD, mix.
 
@@ -95,6 +115,7 @@ class MPOMethod(Method):
         average_from: float = 0.5,
         gap_tolerance: float = 0.01,
         gap_tolerance_abs: float = 1e-4,
+        coverage_tolerance: float = 1.0,
         bootstrap: int = 50,
     ) -> None:
         for field, value in [
@@ -125,6 +146,9 @@ class MPOMethod(Method):
         self.lr_scale, self.batch_prompts, self.log_every = lr_scale, batch_prompts, log_every
         self.step_size, self.average_from = step_size, float(average_from)
         self.gap_tolerance, self.gap_tolerance_abs = float(gap_tolerance), float(gap_tolerance_abs)
+        if not coverage_tolerance > 0:
+            raise ValueError(f"method.coverage_tolerance must be > 0, got {coverage_tolerance}")
+        self.coverage_tolerance = float(coverage_tolerance)
         self.bootstrap = int(bootstrap)
         self.exclude = list(exclude)
 
@@ -195,6 +219,22 @@ class MPOMethod(Method):
                 self.step_size,
                 self.average_from,
             )
+        coverage = sample_coverage(ell[..., keep], [names[i] for i in keep])
+        worst = min(coverage, key=lambda k: coverage[k]["F_vertex"])
+        if coverage[worst]["F_vertex"] < -self.coverage_tolerance:
+            log.warning(
+                "MPO: the pi_ref samples barely cover pi_%s: F-hat(e_%s) = %.3g where F(e_k) = 0 exactly, "
+                "importance-sampling effective sample size %.2g of m=%d per prompt. F-hat is then biased "
+                "low most where the samples cover a pi_k least, and lambda minimises that bias as much as "
+                "F: raise method.samples_per_prompt, or keep the pi_k closer to pi_ref (larger beta, "
+                "fewer DPO steps). (Tolerance: method.coverage_tolerance=%g nats.)",
+                worst,
+                worst,
+                coverage[worst]["F_vertex"],
+                coverage[worst]["ess"],
+                ell.shape[1],
+                self.coverage_tolerance,
+            )
         for t in range(0, self.steps + 1, self.log_every):
             metrics = {f"mpo/lambda_{names[i]}": float(res.trajectory[t, j]) for j, i in enumerate(keep)}
             metrics["mpo/F"] = float(res.objective[t])
@@ -217,6 +257,8 @@ class MPOMethod(Method):
                 "implicit_reward_std": dict(
                     zip(names, (ctx.beta * ell.double()).reshape(-1, len(names)).std(0).tolist(), strict=True)
                 ),
+                # how well the cached pi_ref samples cover each pi_k (see sample_coverage)
+                "coverage": coverage,
                 "bsmd": {
                     "objectives": [names[i] for i in keep],
                     "step": list(range(0, self.steps + 1))[every],
