@@ -28,7 +28,7 @@ run: install
 
 ## the test suite (offline; wandb offline), including the end-to-end CLI tests
 test: install
-	WANDB_MODE=offline $(BIN)/python -m pytest -q $(ARGS)
+	WANDB_MODE=offline $(BIN)/python -m pytest -q --durations=15 $(ARGS)
 
 lint: install
 	$(BIN)/ruff check mpo_exp baselines tests benchmarks

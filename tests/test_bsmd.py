@@ -357,6 +357,7 @@ def test_mpo_method_reports_certificate_and_bootstrap(monkeypatch, caplog):
         },
         meter=_Meter(),
         seed=0,
+        beta=0.1,
         log_metrics=metrics.append,
     )
     out = method_module.MPOMethod(bootstrap=8, exclude=["harmless"]).run(ctx)
@@ -364,6 +365,8 @@ def test_mpo_method_reports_certificate_and_bootstrap(monkeypatch, caplog):
     assert bsmd["fw_gap"] <= bsmd["fw_gap_tolerance"] and bsmd["certified"]
     assert bsmd["bootstrap"]["replicates"] == 8 and len(bsmd["bootstrap"]["std"]) == 2
     assert len(out.extras["lambda_std"]) == 3 and out.extras["lambda_std"][1] == 0
+    assert set(out.extras["coverage"]) == {"helpful", "humorous"}  # the mixed objectives only
+    assert set(out.extras["implicit_reward_std"]) == set(names)
     assert out.weights["harmless"] == 0 and sum(out.weights.values()) == pytest.approx(1, abs=1e-5)
     assert any("mpo/fw_gap" in m for m in metrics)
 

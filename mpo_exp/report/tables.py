@@ -298,9 +298,11 @@ def closed_form_markdown(objectives: list[str], records: Records, boot: PromptBo
             continue
         cells = []
         for k, o in enumerate(objectives):
-            diffs = [
-                metric(rl[s].metrics, "win_rate", o) - metric(mix[s].metrics, "win_rate", o) for s in seeds
+            pairs = [
+                (metric(rl[s].metrics, "win_rate", o), metric(mix[s].metrics, "win_rate", o)) for s in seeds
             ]
+            # a missing value stays missing (None) and a NaN stays NaN: cell() flags both
+            diffs = [None if a is None or b is None else a - b for a, b in pairs]
             text = cell(mean_std(diffs))
             a = {s: outcome_matrix(rl[s].metrics, objectives) for s in seeds}
             b = {s: outcome_matrix(mix[s].metrics, objectives) for s in seeds}
