@@ -10,7 +10,7 @@ cached stage built around ``fit`` fails and caches nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -52,22 +52,28 @@ def _hint(module: torch.nn.Module) -> str:
     return f"Check {', '.join(fields)}. A cached stage that trains this way is not cached."
 
 
+def _is_finite(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value.detach()).all())
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return True  # not a number: nothing to check
+
+
 def check_finite(loss, stage: str, step: int | str, hint: str = "", what: str = "loss") -> None:
-    """Raise :class:`NonFiniteLossError` unless ``loss`` (tensor or number) is finite everywhere."""
-    if loss is None:
+    """Raise :class:`NonFiniteLossError` unless ``loss`` (tensor or number) is finite everywhere.
+
+    The finite case costs one reduction; the message is only built on failure.
+    """
+    if loss is None or _is_finite(loss):
         return
     if isinstance(loss, torch.Tensor):
-        ok = bool(torch.isfinite(loss.detach()).all())
-        shown = loss.detach().float().flatten()[:4].tolist() if loss.numel() else []
+        shown = loss.detach().float().flatten()[:4].tolist()
         shown = shown[0] if len(shown) == 1 else shown
     else:
-        try:
-            shown = float(loss)
-        except (TypeError, ValueError):
-            return
-        ok = math.isfinite(shown)
-    if not ok:
-        raise NonFiniteLossError(f"{stage}: {what} is {shown} at step {step}. {hint}".rstrip())
+        shown = float(loss)
+    raise NonFiniteLossError(f"{stage}: {what} is {shown} at step {step}. {hint}".rstrip())
 
 
 def check_parameters_finite(module: torch.nn.Module, stage: str, hint: str = "") -> None:
@@ -84,8 +90,8 @@ class FiniteLossGuard(pl.Callback):
     """Stops training at the first non-finite loss.
 
     * ``on_before_backward``: every tensor about to be backpropagated, for automatic optimisation
-      and for ``manual_backward`` alike (PPO/RLOO), before it can reach the weights;
-    * ``on_train_batch_end``: the loss a ``training_step`` returned (``outputs["loss"]``);
+      (the loss a ``training_step`` returns) and for ``manual_backward`` alike (PPO/RLOO), before it
+      can reach the weights;
     * ``on_train_batch_start`` / ``on_train_end``: logged metrics whose name ends in ``loss``
       (``trainer.callback_metrics``, refreshed after ``on_train_batch_end``, hence one batch late),
       for modules that backpropagate outside Lightning.
@@ -93,6 +99,8 @@ class FiniteLossGuard(pl.Callback):
 
     @staticmethod
     def _fail_if_nonfinite(trainer, module, value, what: str, step: int) -> None:
+        if value is None or _is_finite(value):  # the hot path: no message, no hint
+            return
         where = f"{step} (epoch {trainer.current_epoch})"
         check_finite(value, stage_name(module), where, _hint(module), what)
 
@@ -101,12 +109,6 @@ class FiniteLossGuard(pl.Callback):
         self._fail_if_nonfinite(
             trainer, pl_module, loss, "the loss being backpropagated", trainer.global_step + 1
         )
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, torch.Tensor | float | int):
-            what = f"the loss returned for batch {batch_idx}"
-            self._fail_if_nonfinite(trainer, pl_module, loss, what, trainer.global_step)
 
     def _check_logged(self, trainer, pl_module) -> None:
         for name, value in trainer.callback_metrics.items():
