@@ -32,6 +32,13 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field (one line, shown without traceback)."""
 
 
+def to_plain(node: Any) -> Any:
+    """A config node as plain Python containers (resolved): what keys an artifact, what peft takes."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
 # ---- building objects (phase 2) ------------------------------------------------------------------
 def _build(node: DictConfig, group: str):
     from hydra.errors import InstantiationException

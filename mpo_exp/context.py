@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mpo_exp import tracking
 from mpo_exp.artifacts import Artifact, ArtifactStore
-from mpo_exp.config import build_task
+from mpo_exp.config import build_task, to_plain
 from mpo_exp.cost import CostMeter, StageCost
 from mpo_exp.data import SequenceDataset
 from mpo_exp.generation import encode_prompts
@@ -27,10 +27,6 @@ from mpo_exp.policies import Policy, load_policy, save_policy
 from mpo_exp.preferences import PairSet, build_pairs
 
 log = logging.getLogger(__name__)
-
-
-def to_plain(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
 
 
 class RunContext:

@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 
 from mpo_exp import tracking
 from mpo_exp.artifacts import config_key
-from mpo_exp.config import build_method
-from mpo_exp.context import RunContext, to_plain
+from mpo_exp.config import build_method, to_plain
+from mpo_exp.context import RunContext
 from mpo_exp.evaluation import Evaluator
 from mpo_exp.methods import Method, PolicyCost, dpo_policies_cost
 from mpo_exp.mpo.mixing import MixedPolicy

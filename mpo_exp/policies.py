@@ -25,6 +25,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from mpo_exp.config import to_plain
+
 log = logging.getLogger(__name__)
 
 
@@ -76,7 +78,7 @@ class PretrainedSpec:
 
     def __init__(self, name_or_path: str, dtype: str = "float32", lora: dict | None = None) -> None:
         self.name_or_path, self.dtype = name_or_path, dtype
-        self.lora = _plain(lora) if lora else None
+        self.lora = dict(to_plain(lora)) if lora else None
 
     def build(self, tokenizer: PreTrainedTokenizerBase | None) -> Policy:
         policy = load_policy(self.name_or_path, name="init", dtype=self.dtype)
@@ -179,18 +181,6 @@ def convert_gguf(gguf: Path, out: Path) -> dict:
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     return {"convert_wall_s": time.perf_counter() - start, "source": str(gguf)}
-
-
-def _plain(node) -> dict:
-    """A (possibly OmegaConf) mapping as plain Python containers, e.g. for peft's LoraConfig."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(node, DictConfig):
-            return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
-    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in dict(node).items()}
 
 
 def load_policy(path: str | os.PathLike, name: str | None = None, dtype: str = "float32") -> Policy:

@@ -502,3 +502,31 @@ def test_lambda_table(tmp_path):
     assert "MORLHF" not in lam
     assert (root / "lambda.md").read_text().strip() == lam.strip()
     assert lam in (root / "report.md").read_text()
+
+
+def test_rl_is_set_beside_its_closed_form(tmp_path):
+    """MORLHF(uniform w) − uniform mixing per objective, paired per seed, with a bootstrap interval."""
+    import re
+
+    root = tmp_path / "closed"
+    n = 400
+    for seed in (0, 1):
+        morlhf = pp_policy((0.45, 0.6), n, seed + 11)  # uniform mixing has (0.55, 0.6) in write_run
+        write_run(
+            root,
+            f"{seed}_morlhf",
+            "morlhf",
+            seed,
+            {"morlhf": morlhf},
+            n_prompts=n,
+            reward_normalization="partition",
+        )
+    rep = build_report(root, plots=False)
+    line = next(x for x in rep["closed_form"].splitlines() if x.startswith("| 0.1 | MORLHF"))
+    assert "(partition) | Uniform mixing | -10.0 ± 0.0 [" in line and "| 0.0 ± 0.0 [" in line
+    lo, hi = (float(v) for v in re.search(r"-10\.0 ± 0\.0 \[([-+\d.]+), ([-+\d.]+)\]", line).groups())
+    assert lo < -10.0 < hi < 0  # the interval holds the point and excludes no difference
+    assert (root / "closed_form.md").exists()
+    mpo_only = tmp_path / "mpo"
+    write_run(mpo_only, "0_mpo", "mpo", 0, {"mpo": pp_policy((0.6, 0.6), 50, 0)}, n_prompts=50)
+    assert build_report(mpo_only, plots=False)["closed_form"] is None

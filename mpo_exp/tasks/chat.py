@@ -40,6 +40,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mpo_exp.tasks.base import Task
+from mpo_exp.tasks.hf import concise
 
 #: templates for things one can review; {s} is the subject (with its article). Half of the
 #: templates of each kind ask for a very short answer, so pi_ref's response lengths spread below
@@ -119,10 +120,6 @@ def content_words(text: str) -> set[str]:
             continue
         out.add(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w)
     return out
-
-
-def words(text: str) -> int:
-    return len(text.split())
 
 
 def all_prompts() -> list[tuple[str, str, str]]:
@@ -270,7 +267,7 @@ class ChatTask(Task):
         return float(self._vader.polarity_scores(response)["compound"])
 
     def concise(self, prompt: str, response: str) -> float:
-        return -self.concise_scale * words(response)
+        return concise(prompt, response, scale=self.concise_scale)  # the HF task's builtin, free_words=0
 
     def informative(self, prompt: str, response: str) -> float:
         said = content_words(response)
