@@ -79,6 +79,26 @@ def score_sequences(
     return torch.cat(out) if out else torch.zeros(0)
 
 
+@torch.no_grad()
+def score_policies(
+    models: Sequence[torch.nn.Module],
+    batch: SequenceBatch,
+    batch_size: int = 256,
+    meter: CostMeter | None = None,
+    desc: str | None = None,
+) -> torch.Tensor:
+    """Sequence log-probs of every row of ``batch`` under each of several policies: (B, n_models).
+
+    The entry point for scoring many policies on the same samples (MPO's pi_ref and pi_k,
+    evaluation's policy and pi_ref).
+    """
+    cols = [
+        score_sequences([m], [1.0], batch, batch_size, meter, desc=None if desc is None else f"{desc} [{i}]")
+        for i, m in enumerate(models)
+    ]
+    return torch.stack(cols, dim=-1) if cols else torch.zeros(len(batch), 0)
+
+
 def right_pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move every row's real tokens to the front (order kept), padding after them.
 

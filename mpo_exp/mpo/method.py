@@ -17,7 +17,7 @@ from mpo_exp.generation import encode_prompts, sample
 from mpo_exp.methods import Method, MethodOutput, dpo_policies_cost
 from mpo_exp.mpo.bsmd import bootstrap_bsmd, solve_bsmd
 from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
-from mpo_exp.scoring import score_sequences
+from mpo_exp.scoring import score_policies
 
 if TYPE_CHECKING:
     from mpo_exp.context import RunContext
@@ -51,17 +51,9 @@ def score_log_ratios(ctx: RunContext, n_prompts: int, samples_per_prompt: int) -
                 desc="MPO: sampling from pi_ref",
             )
         with ctx.meter.stage("mpo/scoring"):
-            logp_ref = score_sequences(
-                *ref.live, batch, ctx.batch_size, ctx.meter, desc="MPO: scoring pi_ref"
-            )
-            cols = [
-                score_sequences(
-                    [pi.model], [1.0], batch, ctx.batch_size, ctx.meter, desc=f"MPO: scoring {name}"
-                )
-                - logp_ref
-                for name, pi in singles.items()
-            ]
-        ell = torch.stack(cols, dim=-1).reshape(n_prompts, samples_per_prompt, len(cols))
+            models = [ref.policies[0].model, *(pi.model for pi in singles.values())]
+            logp = score_policies(models, batch, ctx.batch_size, ctx.meter, desc="MPO: scoring pi_ref, pi_k")
+        ell = (logp[:, 1:] - logp[:, :1]).reshape(n_prompts, samples_per_prompt, len(singles))
         torch.save({"log_ratios": ell, "objectives": list(singles)}, tmp / "log_ratios.pt")
 
     art = ctx.cached_stage("mpo/scores", "mpo_scores", spec, build, stages=("mpo/sampling", "mpo/scoring"))
