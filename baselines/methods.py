@@ -15,6 +15,7 @@ from baselines.normalization import Normalizer, check_normalization
 from baselines.reward_model import RewardModel, bt_loss, reference_scores, reward_models, score_with_rm
 from baselines.rl import train_rl_policy
 from baselines.soups import average_state_dicts
+from mpo_exp.adapters import full_model
 from mpo_exp.methods import Method, MethodOutput, PolicyCost, dpo_policies_cost
 from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
 from mpo_exp.policies import Policy
@@ -223,8 +224,9 @@ class RewardSoupsMethod(Method):
     def _soup(self, ctx: RunContext, name: str, weights: list[float]) -> Policy:
         singles = list(ctx.single_objective_policies.values())
         with ctx.meter.stage(f"soup/{name}"):
-            model = type(singles[0].model)(singles[0].model.config)
-            model.load_state_dict(average_state_dicts([p.model.state_dict() for p in singles], weights))
+            full = [full_model(p.model) for p in singles]  # LoRA pi_k: merged (soup of the deltas)
+            model = type(full[0])(full[0].config)
+            model.load_state_dict(average_state_dicts([m.state_dict() for m in full], weights))
         return Policy(name, model.eval(), singles[0].tokenizer)
 
     def run(self, ctx: RunContext) -> MethodOutput:

@@ -87,9 +87,9 @@ POSITIVE_INTS = [
     "inference_batch_size",
 ]
 # sft.max_steps=0: pi_ref is the model as loaded (e.g. an instruct model), no SFT corpus needed
-NON_NEGATIVE_INTS = ["seed", "eval.n_examples", "sft.max_steps"]
+NON_NEGATIVE_INTS = ["seed", "eval.n_examples", "sft.max_steps", "dpo.lora.r"]
 POSITIVE_FLOATS = ["beta", "sft.module.lr", "dpo.module.lr", "reward_model.module.lr", "rl.module.lr"]
-NON_NEGATIVE_FLOATS = ["preferences.bt_temperature", "eval.temperature"]
+NON_NEGATIVE_FLOATS = ["preferences.bt_temperature", "eval.temperature", "dpo.lora.dropout"]
 CHOICES = {"rl.module.estimator": ("ppo", "rloo")}
 #: values shared by design: one source of truth, an override elsewhere is refused
 SHARED = {"dpo.module.beta": "beta"}
@@ -321,6 +321,31 @@ def _check_paths(cfg: DictConfig) -> None:
                     check_model_path(f"task.objectives.{name}.model", spec.model)
 
 
+def _check_lora(cfg: DictConfig) -> None:
+    """``dpo.lora`` (r = 0: off): known keys, alpha > 0, dropout < 1, target_modules names."""
+    lora = OmegaConf.select(cfg, "dpo.lora")
+    if lora is None:
+        return
+    if not isinstance(lora, DictConfig):
+        raise ConfigError(f"dpo.lora must be a mapping (r, alpha, dropout, target_modules), got {lora!r}")
+    unknown = sorted(set(lora) - {"r", "alpha", "dropout", "target_modules"})
+    if unknown:
+        raise ConfigError(f"dpo.lora.{unknown[0]}: unknown field (fields: r, alpha, dropout, target_modules)")
+    alpha, dropout = lora.get("alpha", 16), lora.get("dropout", 0.0)
+    if not (_is_number(alpha) and alpha > 0):
+        raise ConfigError(f"dpo.lora.alpha must be a number > 0, got dpo.lora.alpha={alpha!r}")
+    if _is_number(dropout) and dropout >= 1:
+        raise ConfigError(f"dpo.lora.dropout must be in [0, 1), got dpo.lora.dropout={dropout!r}")
+    targets = lora.get("target_modules")
+    if targets is not None and not (
+        isinstance(targets, str)
+        or (isinstance(targets, ListConfig) and len(targets) and all(isinstance(t, str) for t in targets))
+    ):
+        raise ConfigError(
+            f"dpo.lora.target_modules must be null, a module name or a list of names, got {targets!r}"
+        )
+
+
 def validate_config(cfg: DictConfig, check_paths: bool = True) -> None:
     """Static checks before any heavy import or compute; raises :class:`ConfigError`.
 
@@ -357,6 +382,7 @@ def validate_config(cfg: DictConfig, check_paths: bool = True) -> None:
         value = _get(cfg, field)
         if not (_is_int(value) and value >= 0):
             raise ConfigError(f"{field} must be a non-negative integer, got {field}={value!r}")
+    _check_lora(cfg)
     threads = OmegaConf.select(cfg, "num_threads")
     if threads is not None and not (_is_int(threads) and threads >= 1):
         raise ConfigError(

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from mpo_exp import tracking
+from mpo_exp.adapters import BASE, AdapterBank, with_adapter
 from mpo_exp.artifacts import Artifact, ArtifactStore
 from mpo_exp.config import build_task, to_plain
 from mpo_exp.cost import CostMeter, StageCost
@@ -41,6 +42,7 @@ class RunContext:
         self.logger = logger
         self.batch_size: int = int(cfg.inference_batch_size)
         self.keys: dict[str, str] = {}
+        self.bank: AdapterBank | None = None  # with dpo.lora: pi_ref's weights and the pi_k adapters
         self.memo: dict[str, object] = {}  # stages added by methods (e.g. reward models) memoise here
         self._trainer = instantiate(cfg.trainer)
 
@@ -145,7 +147,16 @@ class RunContext:
         art = self.cached_stage("sft", "sft", spec, build)
         policy = load_policy(art.path, name="pi_ref", dtype=self.dtype).eval()
         self.task.bind_tokenizer(policy.tokenizer)
+        if self.lora:  # the pi_k will be adapters on these weights: pi_ref is the bank's base
+            self.bank = AdapterBank(policy.model)
+            policy.model = self.bank.view(BASE)
         return MixedPolicy.single(policy, name="pi_ref")
+
+    @property
+    def lora(self) -> dict | None:
+        """``dpo.lora`` when ``dpo.lora.r > 0``: the pi_k are LoRA adapters on pi_ref (None: full models)."""
+        lora = self.cfg.dpo.get("lora")
+        return to_plain(lora) if lora and int(lora.get("r") or 0) > 0 else None
 
     @property
     def dtype(self) -> str:
@@ -203,7 +214,8 @@ class RunContext:
                 "pairs": self.keys["preferences"],
                 "objective": objective,
                 "beta": self.beta,
-                "dpo": to_plain(cfg),
+                # LoRA off keeps the key of a full-model pi_k whatever the (unused) LoRA settings
+                "dpo": {k: v for k, v in to_plain(cfg).items() if k != "lora" or self.lora},
                 "seed": self.seed,
             }
 
@@ -214,11 +226,20 @@ class RunContext:
                 )
                 data = pairs.dataset(k, ref.tokenizer.pad_token_id, drop_ties=bool(cfg.drop_ties))
                 log.info("DPO for '%s' on %d pairs (beta=%s)", objective, len(data), self.beta)
-                model = self.model_spec.trainable(policy.model)
+                if self.lora:
+                    model = with_adapter(policy.model, self.lora)
+                else:
+                    model = self.model_spec.trainable(policy.model)
                 self.fit(instantiate(cfg.module)(model=model, objective=objective), data, data.collate, cfg)
+                if self.lora:  # the adapter only: pi_k = pi_ref's weights + this adapter
+                    model.save_pretrained(str(tmp))
+                    return
                 policy.model = self.model_spec.mergeable(model)
                 save_policy(policy, tmp)
 
             art = self.cached_stage(f"dpo/{objective}", "dpo", spec, build)
-            out[objective] = load_policy(art.path, name=f"pi_{objective}", dtype=self.dtype).eval()
+            if self.lora:
+                out[objective] = Policy(f"pi_{objective}", self.bank.add(objective, art.path), ref.tokenizer)
+            else:
+                out[objective] = load_policy(art.path, name=f"pi_{objective}", dtype=self.dtype).eval()
         return out

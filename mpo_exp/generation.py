@@ -27,9 +27,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper
 
+from mpo_exp.adapters import AdapterBank, AdapterModel, shared_bank
 from mpo_exp.cost import CostMeter, n_params
-from mpo_exp.data import SequenceBatch, pad
+from mpo_exp.data import SequenceBatch, pad, position_ids_from_mask
 from mpo_exp.mpo.mixing import MixedPolicy, MixtureLogitsProcessor
+from mpo_exp.scoring import mixture_log_softmax
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -131,19 +133,28 @@ def sample(
     driver, others = models[0], models[1:]
     device = next(driver.parameters()).device
     gen_cfg = ancestral_sampling_config(tok, max_new_tokens)
+    bank = shared_bank(models)
     for m in models:
         m.eval()
     pieces = []
+    # adapter views decode together, one forward per token over len(models) blocks of rows
+    step = batch_size if bank is None else max(1, batch_size // len(models))
     for s in tqdm(
-        range(0, len(prompts), batch_size), desc=desc, disable=True if desc is None else None, leave=False
+        range(0, len(prompts), step), desc=desc, disable=True if desc is None else None, leave=False
     ):
-        p_ids, p_mask = pad(prompts[s : s + batch_size], tok.pad_token_id, left=True)
+        p_ids, p_mask = pad(prompts[s : s + step], tok.pad_token_id, left=True)
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-        processors = sampling_processors(weights, others, p_mask, temperature)
-        with model_generation_defaults_disabled(driver):
-            out = driver.generate(
-                input_ids=p_ids, attention_mask=p_mask, generation_config=gen_cfg, logits_processor=processors
-            )
+        if bank is not None:
+            out = sample_adapters(bank, models, weights, p_ids, p_mask, gen_cfg, temperature)
+        else:
+            processors = sampling_processors(weights, others, p_mask, temperature)
+            with model_generation_defaults_disabled(driver):
+                out = driver.generate(
+                    input_ids=p_ids,
+                    attention_mask=p_mask,
+                    generation_config=gen_cfg,
+                    logits_processor=processors,
+                )
         r_ids = out[:, p_ids.shape[1] :].cpu()
         r_mask = response_mask_until_eos(r_ids, tok.eos_token_id)
         batch = SequenceBatch(
@@ -154,6 +165,53 @@ def sample(
             for m in models:
                 meter.forward(n_params(m), batch.n_tokens)
     return SequenceBatch.concat(pieces, tok.pad_token_id) if len(pieces) > 1 else pieces[0]
+
+
+@torch.no_grad()
+def sample_adapters(
+    bank: AdapterBank,
+    views: list[AdapterModel],
+    weights: list[float],
+    p_ids: torch.Tensor,
+    p_mask: torch.Tensor,
+    gen_cfg: GenerationConfig,
+    temperature: float,
+) -> torch.Tensor:
+    """Ancestral sampling from the mixture of adapter views: prompts and tokens (B, P + T).
+
+    The K views' rows go through one forward per token (row block k runs adapter k; the one KV
+    cache holds a block per adapter). Each step mirrors ``generate``'s sampling: the mixture's
+    log-softmax, the temperature, one ``torch.multinomial`` draw per row, padding after EOS and
+    stopping once every row has ended, so one view samples token for token as its merged model
+    does through ``generate`` with the same random state.
+    """
+    n, b = len(views), len(p_ids)
+    rows = [v.adapter for v in views for _ in range(b)]
+    eos, pad_id = gen_cfg.eos_token_id, gen_cfg.pad_token_id
+    mask = p_mask.repeat(n, 1)
+    new = p_ids.repeat(n, 1)
+    positions = position_ids_from_mask(mask)
+    cache, tokens = None, []
+    done = torch.zeros(b, dtype=torch.bool, device=p_ids.device)
+    for _ in range(int(gen_cfg.max_new_tokens)):
+        out = bank.forward(
+            rows, input_ids=new, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+        )
+        cache = out.cache
+        logits = out.logits[:, -1].float().split(b)
+        scores = mixture_log_softmax(list(logits), weights) if n > 1 else logits[0]
+        if temperature != 1.0:
+            scores = scores / temperature
+        token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        done |= token == eos
+        if bool(done.all()):
+            break
+        new = token.repeat(n).unsqueeze(1)
+        positions = positions[:, -1:] + 1
+        mask = torch.cat([mask, mask.new_ones(n * b, 1)], dim=1)
+    return torch.cat([p_ids, torch.stack(tokens, dim=1)], dim=1)
 
 
 def decode_responses(tokenizer, batch: SequenceBatch) -> list[str]:

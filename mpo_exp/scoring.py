@@ -11,22 +11,35 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mpo_exp.adapters import shared_bank
 from mpo_exp.cost import CostMeter, n_params
 from mpo_exp.data import SequenceBatch, position_ids_from_mask
 
 
 def response_logits(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
     """Logits that predict each response token: shape (B, R, V)."""
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    )
+    return policies_response_logits([model], batch)[0]
+
+
+def policies_response_logits(models: Sequence[torch.nn.Module], batch: SequenceBatch) -> list[torch.Tensor]:
+    """Response logits of ``batch`` under each model: a list of (B, R, V).
+
+    Adapter views of one :class:`~mpo_exp.adapters.AdapterBank` run as one forward over the batch
+    repeated once per view, each block of rows with its own adapter (peft's mixed-adapter batch).
+    """
     p = batch.prompt_ids.shape[1]
     r = batch.response_ids.shape[1]
-    # the logit at position t predicts token t+1: response token j is predicted at p+j-1
-    return out.logits[:, p - 1 : p + r - 1].float()
+    inputs = dict(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+    )
+    bank = shared_bank(models) if len(models) > 1 else None
+    if bank is not None:
+        n, b = len(models), len(batch)
+        rows = [m.adapter for m in models for _ in range(b)]
+        out = bank.forward(rows, **{k: v.repeat(n, 1) for k, v in inputs.items()}, use_cache=False)
+        # the logit at position t predicts token t+1: response token j is predicted at p+j-1
+        return list(out.logits[:, p - 1 : p + r - 1].float().split(b))
+    return [m(**inputs, use_cache=False).logits[:, p - 1 : p + r - 1].float() for m in models]
 
 
 def mixture_log_softmax(logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -44,11 +57,10 @@ def token_logprobs(
     models: Sequence[torch.nn.Module], weights: Sequence[float], batch: SequenceBatch
 ) -> torch.Tensor:
     """Per-token log-probs of the response under the (mixed) policy, zero on padding: (B, R)."""
-    logits = [response_logits(m, batch) for m, w in zip(models, weights, strict=True) if w != 0]
+    live_models = [m for m, w in zip(models, weights, strict=True) if w != 0]
+    logits = policies_response_logits(live_models, batch)
     live = [w for w in weights if w != 0]
-    logp = mixture_log_softmax(logits, live)
-    picked = logp.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1)
-    return picked * batch.response_mask
+    return _picked(mixture_log_softmax(logits, live), batch)
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
@@ -90,13 +102,31 @@ def score_policies(
     """Sequence log-probs of every row of ``batch`` under each of several policies: (B, n_models).
 
     The entry point for scoring many policies on the same samples (MPO's pi_ref and pi_k,
-    evaluation's policy and pi_ref).
+    evaluation's policy and pi_ref). Adapter views of one bank are scored together, one forward
+    per chunk of ``batch_size // n_models`` rows (so a forward still holds ``batch_size`` rows).
     """
-    cols = [
-        score_sequences([m], [1.0], batch, batch_size, meter, desc=None if desc is None else f"{desc} [{i}]")
-        for i, m in enumerate(models)
-    ]
-    return torch.stack(cols, dim=-1) if cols else torch.zeros(len(batch), 0)
+    if not models:
+        return torch.zeros(len(batch), 0)
+    if shared_bank(models) is None:
+        cols = [score_sequences([m], [1.0], batch, batch_size, meter, desc) for m in models]
+        return torch.stack(cols, dim=-1)
+    device = next(models[0].parameters()).device
+    step = max(1, batch_size // len(models))
+    out = []
+    for s in tqdm(range(0, len(batch), step), desc=desc, disable=True if desc is None else None, leave=False):
+        chunk = batch[s : s + step].to(device)
+        logits = policies_response_logits(models, chunk)
+        cols = [_picked(F.log_softmax(lg, dim=-1), chunk).sum(-1) for lg in logits]
+        out.append(torch.stack(cols, dim=-1).cpu())
+        if meter is not None:
+            for m in models:
+                meter.forward(n_params(m), chunk.n_tokens)
+    return torch.cat(out) if out else torch.zeros(0, len(models))
+
+
+def _picked(logp: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
+    """log-probs of the response tokens, zero on padding: (B, R)."""
+    return logp.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) * batch.response_mask
 
 
 def right_pack(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,179 @@
+"""K pi_k as LoRA adapters on one base (dpo.lora): batched scoring and decoding equal the merged models."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from mpo_exp.adapters import BASE, AdapterBank, AdapterModel, full_model, lora_config, shared_bank
+from mpo_exp.cost import n_params
+from mpo_exp.generation import encode_prompts, sample
+from mpo_exp.mpo.bsmd import solve_bsmd
+from mpo_exp.mpo.mixing import MixedPolicy
+from mpo_exp.policies import Policy
+from mpo_exp.scoring import score_policies, score_sequences, token_logprobs
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture
+def bank_and_merged(tiny_policies, tmp_path):
+    """A tiny GPT-2 with two random (non-zero) LoRA adapters: the bank and the merged full models."""
+    base = tiny_policies[0]
+    paths, merged = [], []
+    for i in range(2):
+        torch.manual_seed(100 + i)
+        cfg = lora_config({"r": 4, "alpha": 8})
+        cfg.init_lora_weights = False  # random B as well as A: the adapter changes the model
+        model = peft.get_peft_model(copy.deepcopy(base.model), cfg)
+        with torch.no_grad():  # large enough to move the distribution visibly
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.mul_(3.0)
+        path = tmp_path / f"adapter{i}"
+        model.save_pretrained(str(path))
+        merged.append(Policy(f"m{i}", model.merge_and_unload().eval(), base.tokenizer))
+        paths.append(path)
+    bank = AdapterBank(copy.deepcopy(base.model))
+    views = [bank.add(f"a{i}", p) for i, p in enumerate(paths)]
+    ref = Policy("ref", base.model.eval(), base.tokenizer)
+    return bank, [bank.view(BASE), *views], [ref, *merged]
+
+
+@pytest.fixture
+def samples(tiny_policies):
+    tok = tiny_policies[0].tokenizer
+    prompts = encode_prompts(
+        tok, ["explain cats please <sep>", "cats <sep>", "tell me about space now <sep>"]
+    )
+    torch.manual_seed(0)
+    return sample(MixedPolicy.single(tiny_policies[0]), prompts * 4, max_new_tokens=8), prompts
+
+
+def test_the_saved_stage_is_the_adapter_only(bank_and_merged, tmp_path):
+    files = {p.name for p in (tmp_path / "adapter0").iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    cfg = json.loads((tmp_path / "adapter0" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8
+
+
+def test_batched_adapter_scoring_equals_the_merged_models(bank_and_merged, samples):
+    bank, views, merged = bank_and_merged
+    batch, _ = samples
+    assert shared_bank(views) is bank
+    batched = score_policies(views, batch, batch_size=6)  # one forward per chunk for all three
+    separate = torch.stack([score_sequences([m.model], [1.0], batch) for m in merged], dim=-1)
+    torch.testing.assert_close(batched, separate, atol=1e-4, rtol=1e-5)
+    # the adapters matter (the test would pass trivially otherwise), and pi_ref is the base
+    assert (separate[:, 1] - separate[:, 0]).abs().max() > 0.5
+    for view, m in zip(views, merged, strict=True):  # each view alone, too
+        torch.testing.assert_close(
+            score_sequences([view], [1.0], batch), score_sequences([m.model], [1.0], batch)
+        )
+
+
+def test_a_mixture_of_views_scores_like_the_mixture_of_merged_models(bank_and_merged, samples):
+    _, views, merged = bank_and_merged
+    batch, _ = samples
+    w = [0.0, 0.3, 0.7]
+    torch.testing.assert_close(
+        token_logprobs(views, w, batch),
+        token_logprobs([m.model for m in merged], w, batch),
+        atol=1e-4,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_one_hot_adapter_decoder_reproduces_pi_k_exactly(bank_and_merged, samples, k):
+    _, views, merged = bank_and_merged
+    _, prompts = samples
+    weights = [0.0, 0.0, 0.0]
+    weights[k] = 1.0
+    tok = merged[0].tokenizer
+    torch.manual_seed(7)
+    from_views = sample(
+        MixedPolicy("v", [Policy(f"v{i}", v, tok) for i, v in enumerate(views)], weights),
+        prompts * 3,
+        max_new_tokens=10,
+    )
+    torch.manual_seed(7)
+    from_merged = sample(MixedPolicy.single(merged[k]), prompts * 3, max_new_tokens=10)
+    assert torch.equal(from_views.response_ids, from_merged.response_ids)
+    assert torch.equal(from_views.response_mask, from_merged.response_mask)
+
+
+def test_mixed_adapter_decoding_samples_like_the_merged_mixture(bank_and_merged, samples):
+    """One forward per token over K blocks of rows = the K-model LogitsProcessor decoder."""
+    _, views, merged = bank_and_merged
+    _, prompts = samples
+    tok = merged[0].tokenizer
+    w = [0.2, 0.5, 0.3]
+    torch.manual_seed(3)
+    a = sample(
+        MixedPolicy("v", [Policy(f"v{i}", v, tok) for i, v in enumerate(views)], w),
+        prompts * 4,
+        10,
+        temperature=0.8,
+    )
+    torch.manual_seed(3)
+    b = sample(MixedPolicy("m", merged, w), prompts * 4, 10, temperature=0.8)
+    assert torch.equal(a.response_ids, b.response_ids)
+
+
+def test_lambda_from_adapters_equals_lambda_from_merged_models(bank_and_merged, samples):
+    _, views, merged = bank_and_merged
+    batch, prompts = samples
+    n = len(prompts)
+    lv = score_policies(views, batch)
+    lm = score_policies([m.model for m in merged], batch)
+    ell_v = (lv[:, 1:] - lv[:, :1]).reshape(4, n, 2).transpose(0, 1)
+    ell_m = (lm[:, 1:] - lm[:, :1]).reshape(4, n, 2).transpose(0, 1)
+    lam_v = solve_bsmd(ell_v, steps=300, lr_scale=1.0, batch_prompts=None, seed=0).weights
+    lam_m = solve_bsmd(ell_m, steps=300, lr_scale=1.0, batch_prompts=None, seed=0).weights
+    torch.testing.assert_close(lam_v, lam_m, atol=1e-3, rtol=0)
+
+
+def test_views_count_base_plus_own_adapter_and_merge_back(bank_and_merged):
+    bank, views, merged = bank_and_merged
+    base = n_params(merged[0].model)
+    adapter = n_params(views[1]) - base
+    assert n_params(views[0]) == base and adapter > 0 and n_params(views[2]) == base + adapter
+    m = full_model(views[2])
+    assert not isinstance(m, AdapterModel) and n_params(m) == base
+    for (name, p), q in zip(m.state_dict().items(), merged[2].model.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=name)
+    with pytest.raises(RuntimeError, match="dpo.lora"):
+        views[1].train()
+
+
+def test_the_pipeline_runs_with_lora_policies(smoke_cfg, tmp_path):
+    """dpo.lora.r=4: pi_k stored as adapters, one bank in memory, MPO and reward soups run."""
+    from mpo_exp.context import RunContext
+    from mpo_exp.pipeline import run_pipeline
+
+    cfg = smoke_cfg("dpo.lora.r=4", "dpo.max_steps=10", "dpo.module.lr=1e-2", "num_threads=1")
+    res = run_pipeline(cfg, tmp_path / "run")
+    objectives = res["objectives"]
+    assert sum(res["lambda"]) == pytest.approx(1, abs=1e-5)
+    for o in objectives:
+        assert res["policies"][f"pi_{o}"]["kl"] > 1e-3  # the adapters moved each pi_k
+    for d in (tmp_path / "cache" / "dpo").iterdir():
+        if d.is_dir() and not d.name.endswith(".tmp"):
+            files = {p.name for p in d.iterdir()}
+            assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    ctx = RunContext(cfg, tmp_path / "ctx")
+    singles = ctx.single_objective_policies
+    assert ctx.bank is not None and shared_bank(
+        [ctx.reference.policies[0].model, *(p.model for p in singles.values())]
+    )
+    soups = run_pipeline(
+        smoke_cfg(
+            "dpo.lora.r=4", "dpo.max_steps=10", "dpo.module.lr=1e-2", "num_threads=1", "method=reward_soups"
+        ),
+        tmp_path / "soups",
+    )
+    assert "reward_soup" in soups["policies"]
