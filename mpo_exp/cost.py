@@ -68,17 +68,23 @@ class CostMeter:
             cost.tokens_fwd += int(tokens)
             cost.flops += 2.0 * n_parameters * int(tokens)
 
-    def backward(self, n_parameters: int, tokens: int) -> None:
-        """Backward pass only (the matching forward is charged by :meth:`forward`): 4·N per token."""
+    def backward(self, n_parameters: int, tokens: int, n_trainable: int | None = None) -> None:
+        """Backward pass only (the matching forward is charged by :meth:`forward`): per token 2·N for
+        the activations' gradients plus 2·N_trainable for the weights' (4·N when every weight trains;
+        about 2·N for LoRA, whose frozen base needs no weight gradients)."""
         if (cost := self.current) is not None:
+            trainable = n_parameters if n_trainable is None else n_trainable
             cost.tokens_bwd += int(tokens)
-            cost.flops += 4.0 * n_parameters * int(tokens)
+            cost.flops += (2.0 * n_parameters + 2.0 * trainable) * int(tokens)
 
-    def charge(self, n_parameters: int, tokens: int, backward: bool = False) -> None:
-        """A forward pass over ``tokens``, plus its backward pass when training (6·N per token in all)."""
+    def charge(
+        self, n_parameters: int, tokens: int, backward: bool = False, n_trainable: int | None = None
+    ) -> None:
+        """A forward pass over ``tokens``, plus its backward pass when training (6·N per token in all
+        when every weight trains)."""
         self.forward(n_parameters, tokens)
         if backward:
-            self.backward(n_parameters, tokens)
+            self.backward(n_parameters, tokens, n_trainable)
 
     def record(self, name: str, cost: StageCost) -> None:
         """Attach a cost computed elsewhere (e.g. read back from a cached artifact)."""

@@ -225,12 +225,12 @@ def test_pareto_plot_only_for_weight_sweeps(tmp_path):
     write_run(root, "mpo", "mpo", 0, {"mpo": policy((0.6, 0.6))})
     write_run(root, "uniform_morlhf", "morlhf", 0, {"morlhf": policy((0.5, 0.6))})
     build_report(root)
-    assert not (root / "pareto.png").exists()  # uniform MORLHF alone is not a front
+    assert not (root / "pareto_beta0.1.png").exists()  # uniform MORLHF alone is not a front
     for i, w in enumerate([(1, 0), (0.5, 0.5), (0, 1)]):
         name = f"fixed_mix_{w[0]:.2f}_{w[1]:.2f}"
         write_run(root, f"fm{i}", "fixed_mix", 0, {name: policy((0.3 + 0.4 * w[0], 0.3 + 0.4 * w[1]))})
     build_report(root)
-    assert (root / "pareto.png").stat().st_size > 0
+    assert (root / "pareto_beta0.1.png").stat().st_size > 0
 
 
 # ---- bootstrap intervals and the bold -----------------------------------------------------------

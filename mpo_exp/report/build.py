@@ -8,6 +8,12 @@ import os
 import re
 from pathlib import Path
 
+from mpo_exp.report.ablation import ablation_markdown
+from mpo_exp.report.closed_form import closed_form_markdown
+from mpo_exp.report.cost import cost_markdown, cost_rows
+from mpo_exp.report.fronts import collect_fronts
+from mpo_exp.report.fronts_table import fronts_csv, fronts_markdown
+from mpo_exp.report.lambdas import lambda_markdown, lambda_rows
 from mpo_exp.report.load import (
     Duplicate,
     ReportError,
@@ -17,18 +23,9 @@ from mpo_exp.report.load import (
     objective_groups,
     pretty,
 )
-from mpo_exp.report.plots import make_plots
+from mpo_exp.report.plots import front_plots, make_plots
 from mpo_exp.report.stats import DEFAULT_B, PromptBootstrap
-from mpo_exp.report.tables import (
-    ablation_markdown,
-    closed_form_markdown,
-    cost_markdown,
-    cost_rows,
-    lambda_markdown,
-    lambda_rows,
-    paper_table_markdown,
-    table1,
-)
+from mpo_exp.report.table1 import paper_table_markdown, table1
 
 
 def duplicates_note(dups: list[Duplicate]) -> str:
@@ -64,9 +61,10 @@ def build_report(
         "lambda": [],
         "ablation": [],
         "closed_form": [],
+        "fixed_weights": [],
     }
     report_parts: list[str] = []
-    rows, costs, lambdas, images, dups, tables = [], [], [], [], [], []
+    rows, costs, lambdas, images, dups, tables, all_fronts = [], [], [], [], [], [], []
     for objectives, runs in groups:
         suffix = f"_{_slug(objectives)}" if multi else ""
         heading = f"## Objectives: {', '.join(objectives)} ({len(runs)} runs)"
@@ -86,12 +84,17 @@ def build_report(
         lam_md = lambda_markdown(objectives, lam_rows) if lam_rows else None
         ablation = ablation_markdown(objectives, records)
         closed = closed_form_markdown(objectives, records, boot)
+        fronts, refs = collect_fronts(objectives, runs, boot)
+        fixed = fronts_markdown(objectives, fronts, refs) if fronts else None
+        if fronts:
+            (out / f"fixed_weights{suffix}.csv").write_text(fronts_csv(objectives, fronts))
         for key, text in (
             ("table1", md),
             ("cost", cost_md),
             ("lambda", lam_md),
             ("ablation", ablation),
             ("closed_form", closed),
+            ("fixed_weights", fixed),
         ):
             if text:
                 md_parts[key].append(f"{heading}\n\n{text}" if multi else text)
@@ -104,13 +107,17 @@ def build_report(
             report_parts += ["", f"{h} Leave-one-out ablation (z-normalised reward)", "", ablation]
         if closed:
             report_parts += ["", f"{h} RL against its closed form", "", closed]
+        if fixed:
+            report_parts += ["", f"{h} Fixed user weights: Pareto fronts", "", fixed]
         if plots:
             images += make_plots(objectives, runs, t1.rows, group_costs, out, suffix)
+            images += front_plots(objectives, fronts, refs, out, suffix)
         rows += t1.rows
         costs += group_costs
         lambdas += lam_rows
         dups += records.duplicates
         tables.append(t1)
+        all_fronts += fronts
 
     table1_md = "\n\n".join(md_parts["table1"])
     if paper:
@@ -118,7 +125,7 @@ def build_report(
     texts = {key: "\n\n".join(parts) or None for key, parts in md_parts.items()}
     (out / "table1.md").write_text(table1_md + "\n")
     (out / "cost.md").write_text(texts["cost"] + "\n")
-    for key in ("lambda", "ablation", "closed_form"):
+    for key in ("lambda", "ablation", "closed_form", "fixed_weights"):
         if texts[key]:
             (out / f"{key}.md").write_text(texts[key] + "\n")
 
@@ -148,6 +155,8 @@ def build_report(
         "lambda": texts["lambda"],
         "ablation": texts["ablation"],
         "closed_form": texts["closed_form"],
+        "fixed_weights": texts["fixed_weights"],
+        "fronts": all_fronts,
         "duplicates": dups,
         "images": images,
         "rows": rows,
@@ -225,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     except ReportError as e:
         raise SystemExit(f"mpo-exp-report: {e}") from e
     print(report["table1"])
-    for key in ("cost", "lambda", "ablation"):
+    for key in ("cost", "lambda", "ablation", "fixed_weights"):
         if report[key]:
             print()
             print(report[key])

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ ORDER = [
     "weighted_reward_soup",
     "maxmin_rlhf",
     "morlhf",
+    "modpo",
+    "ric",
     "mpo_without",
     "mpo",
 ]
@@ -39,9 +42,16 @@ PRETTY = {
     "maxmin_rlhf_sample_min": "MaxMin-RLHF (sample-min)",
     "maxmin_rlhf_group_min_em": "MaxMin-RLHF (group-min, EM)",
     "maxmin_rlhf_sample_min_em": "MaxMin-RLHF (sample-min, EM)",
-    "morlhf": "MORLHF (uniform w)",
     "mpo": "MPO",
 }
+#: methods that take user weights (``method.weights``), by display name. Their policy is named
+#: ``<method>`` for uniform weights, ``<method>_mpo_lambda`` for MPO's λ (baselines/user_weights.py)
+#: and ``<method>_<w_1>_..._<w_K>`` for fixed weights (fixed_mix always so).
+WEIGHTED = {"fixed_mix": "MOD", "morlhf": "MORLHF", "modpo": "MODPO", "ric": "RiC"}
+MPO_LAMBDA = "mpo_lambda"
+_WEIGHTS_RE = re.compile(r"^(?P<method>[a-z][a-z0-9_]*?)_(?P<w>\d+(?:\.\d+)?(?:_\d+(?:\.\d+)?)+)$")
+#: a name's weights are printed with 2 decimals: uniform within this
+UNIFORM_TOL = 0.005 + 1e-9
 #: methods trained with RL on reward models, whose results say how the rewards were normalised
 RL_METHODS = ("morlhf", "maxmin_rlhf")
 
@@ -50,9 +60,33 @@ class ReportError(ValueError):
     """The sweep cannot be summarised as it stands; the message names the run directory."""
 
 
+def parse_weights(name: str) -> tuple[str, tuple[float, ...]] | None:
+    """(method, weights) of a fixed-weight policy name ``<method>_<w_1>_..._<w_K>``; None otherwise."""
+    m = _WEIGHTS_RE.match(name)
+    if m is None:
+        return None
+    return m["method"], tuple(float(x) for x in m["w"].split("_"))
+
+
+def is_uniform(weights: tuple[float, ...]) -> bool:
+    return all(abs(w - 1 / len(weights)) <= UNIFORM_TOL for w in weights)
+
+
+def weights_text(weights: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{w:g}" for w in weights) + ")"
+
+
 def pretty(name: str) -> str:
     if name in PRETTY:
         return PRETTY[name]
+    if name in WEIGHTED:
+        return f"{WEIGHTED[name]} (uniform w)"
+    for method in WEIGHTED:
+        if name == f"{method}_{MPO_LAMBDA}":
+            return f"{WEIGHTED[method]} (MPO's λ)"
+    parsed = parse_weights(name)
+    if parsed is not None:
+        return f"{WEIGHTED.get(parsed[0], parsed[0])} (w={weights_text(parsed[1])})"
     if name.startswith("pi_"):
         return "π_" + name[3:]
     if name.startswith("mpo_without_"):
@@ -143,6 +177,7 @@ class Entry:
     metrics: dict
     run: dict
     own: bool  # a policy the job's method produced (not a shared pi_ref / pi_k / uniform row)
+    source: str = ""  # the policy's name in the run (a row name may differ: see row_name)
 
 
 @dataclass
@@ -171,6 +206,23 @@ def row_normalization(res: dict, name: str) -> str | None:
     return None if norm is None else str(norm)
 
 
+def in_table1(name: str) -> bool:
+    """Every row but fixed user weights (the Pareto fronts' table) and leave-one-out (the ablation).
+
+    Methods that take weights are here with uniform weights and with MPO's λ.
+    """
+    return parse_weights(name) is None and not name.startswith("mpo_without")
+
+
+def row_name(name: str) -> str:
+    """A fixed-weight policy at uniform weights is the method's uniform row (``morlhf_0.50_0.50`` is
+    ``morlhf``), so a weight grid that holds the uniform point gives the max-min table its row."""
+    parsed = parse_weights(name)
+    if parsed is not None and parsed[0] in WEIGHTED and is_uniform(parsed[1]):
+        return parsed[0]
+    return name
+
+
 def collect(runs: Iterable[dict]) -> Records:
     """(β, policy, normalisation) -> seed -> metrics.
 
@@ -181,16 +233,17 @@ def collect(runs: Iterable[dict]) -> Records:
     rec = Records()
     for res in runs:
         seed, beta = int(res["seed"]), float(res["beta"])
-        for name, metrics in res["policies"].items():
-            key = (beta, name, row_normalization(res, name))
-            own = name in res["method_policies"]
+        for source, metrics in res["policies"].items():
+            name = row_name(source) if source in res["method_policies"] else source
+            key = (beta, name, row_normalization(res, source))
+            own = source in res["method_policies"]
             by_seed = rec.rows[key]
             if seed in by_seed:
                 prev = by_seed[seed]
                 if own and prev.own:
                     rec.duplicates.append(Duplicate(beta, name, key[2], seed, prev.run["_rel"], res["_rel"]))
                 continue
-            by_seed[seed] = Entry(metrics if isinstance(metrics, dict) else {}, res, own)
+            by_seed[seed] = Entry(metrics if isinstance(metrics, dict) else {}, res, own, source)
     return rec
 
 
@@ -203,7 +256,7 @@ def normalization_line(runs: Iterable[dict], records: Records) -> str | None:
             used[res["method"]].add("not recorded" if norm is None else str(norm))
     if not used:
         return None
-    parts = [f"{PRETTY.get(m, m).split(' (')[0]} → {', '.join(sorted(v))}" for m, v in sorted(used.items())]
+    parts = [f"{pretty(m).split(' (')[0]} → {', '.join(sorted(v))}" for m, v in sorted(used.items())]
     line = "Reward normalisation of the RL baselines: " + "; ".join(parts) + "."
     split = sorted({(b, n) for (b, n, _) in records.rows if len(records.norms(b, n)) > 1}, key=lambda k: k[0])
     if split:

@@ -1,9 +1,12 @@
-"""PNG plots: per-objective bars, λ trajectories, min win rate vs cost, Pareto fronts of weight sweeps."""
+"""PNG plots: per-objective bars, λ trajectories, min win rate vs cost, Pareto fronts of fixed weights."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+
+from mpo_exp.report.fronts import Front, Reference
+from mpo_exp.report.load import weights_text
 
 
 def _v(row: dict, key: str) -> tuple[float, float]:
@@ -91,40 +94,7 @@ def make_plots(
         fig.tight_layout()
         written.append(_save(fig, out / f"min_win_vs_cost{suffix}.png"))
 
-    sweep_rows = [
-        (res, name)
-        for res in runs
-        for name in res["method_policies"]
-        if name.startswith(("fixed_mix_", "morlhf_"))  # weight-sweep rows, not uniform MORLHF
-    ]
-    if len(sweep_rows) > 2 and len(objectives) >= 2:
-        pairs = [(a, b) for i, a in enumerate(objectives) for b in objectives[i + 1 :]]
-        fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 4), squeeze=False)
-        for ax, (a, b) in zip(axes[0], pairs, strict=True):
-            for family, marker in (("fixed_mix", "o"), ("morlhf", "s")):
-                pts = [_point(res["policies"][n], a, b) for res, n in sweep_rows if n.startswith(family)]
-                if pts:
-                    ax.scatter(
-                        *zip(*pts, strict=True),
-                        marker=marker,
-                        alpha=0.7,
-                        label="fixed-weight mixing" if family == "fixed_mix" else "MORLHF",
-                    )
-            mpo = [_point(res["policies"]["mpo"], a, b) for res in runs if "mpo" in res["policies"]]
-            if mpo:
-                ax.scatter(*zip(*mpo, strict=True), marker="*", s=200, color="red", label="MPO")
-            ax.set_xlabel(f"win rate {a}")
-            ax.set_ylabel(f"win rate {b}")
-        axes[0][0].legend()
-        fig.suptitle("Pareto fronts of weight sweeps")
-        fig.tight_layout()
-        written.append(_save(fig, out / f"pareto{suffix}.png"))
     return written
-
-
-def _point(metrics: dict, a: str, b: str) -> tuple[float, float]:
-    wr = metrics.get("win_rate") or {}
-    return (wr.get(a, math.nan), wr.get(b, math.nan))
 
 
 def _save(fig, path: Path) -> Path:
@@ -133,3 +103,61 @@ def _save(fig, path: Path) -> Path:
 
     plt.close(fig)
     return path
+
+
+def front_plots(
+    objectives: list[str], fronts: list[Front], refs: dict[float, Reference], out: Path, suffix: str = ""
+) -> list[Path]:
+    """Per β, every method's front in mean reward (the paper's Figure 3): one line per method, its
+    points in weight order and labelled by w; π_ref and MPO as markers. Flagged points are not drawn
+    and are named under the plot. No figure when no front has two points to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    pairs = [(i, j) for i in range(len(objectives)) for j in range(i + 1, len(objectives))]
+    for beta, ref in refs.items():
+        at_beta = [f for f in fronts if f.beta == beta]
+        if len(objectives) < 2 or not any(sum(p.ok for p in f.points) >= 2 for f in at_beta):
+            continue
+        fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 5), squeeze=False)
+        for ax, (i, j) in zip(axes[0], pairs, strict=True):
+            for n, f in enumerate(at_beta):
+                pts = [p for p in f.points if p.ok]
+                label = f.label + (f" (front: {f.cost.flops[0]:.3g} FLOPs)" if f.cost else "")
+                xs, ys = [p.xy[i] for p in pts], [p.xy[j] for p in pts]
+                # a line through the points is the front only with two objectives
+                ax.plot(xs, ys, marker="osD^v<>"[n % 7], ls="-" if len(objectives) == 2 else "", label=label)
+                if len(objectives) == 2:  # coinciding points share one label
+                    at: dict[tuple[float, float], list[str]] = {}
+                    for p in pts:
+                        at.setdefault((p.xy[i], p.xy[j]), []).append(weights_text(p.weights))
+                    for xy, texts in at.items():
+                        ax.annotate(
+                            " = ".join(texts),
+                            xy,
+                            fontsize=7,
+                            alpha=0.8,
+                            xytext=(4, 4),
+                            textcoords="offset points",
+                        )
+            for point, style in (
+                (ref.pi_ref, {"marker": "X", "color": "grey", "s": 80, "label": "π_ref"}),
+                (ref.mpo, {"marker": "*", "color": "red", "s": 220, "label": "MPO (λ)"}),
+            ):
+                if point is not None and point.ok:
+                    ax.scatter(point.xy[i], point.xy[j], zorder=3, **style)
+            ax.set_xlabel(f"mean reward: {objectives[i]}")
+            ax.set_ylabel(f"mean reward: {objectives[j]}")
+        axes[0][0].legend(fontsize=8)
+        bad = [f"{f.label} w={weights_text(p.weights)}" for f in at_beta for p in f.bad]
+        if bad:
+            fig.text(
+                0.01, 0.01, "not plotted (NaN or missing value): " + ", ".join(bad), fontsize=8, color="red"
+            )
+        fig.suptitle(f"Pareto fronts for fixed user weights, β={beta:g}")
+        fig.tight_layout(rect=(0, 0.04 if bad else 0, 1, 1))
+        written.append(_save(fig, out / f"pareto_beta{beta:g}{suffix}.png"))
+    return written
