@@ -19,10 +19,29 @@ from mpo_exp.scoring import score_policies, score_sequences, token_logprobs
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture
-def bank_and_merged(tiny_policies, tmp_path):
-    """A tiny GPT-2 with two random (non-zero) LoRA adapters: the bank and the merged full models."""
+@pytest.fixture(params=["gpt2", "llama"])
+def bank_and_merged(request, tiny_policies, tmp_path):
+    """A tiny GPT-2 (Conv1D layers) or Llama (GQA, rotary positions, peft's default q/v targets) with
+    two random (non-zero) LoRA adapters: the bank and the merged full models."""
     base = tiny_policies[0]
+    if request.param == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tok = base.tokenizer
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        base = Policy("llama", LlamaForCausalLM(cfg).eval(), tok)
     paths, merged = [], []
     for i in range(2):
         torch.manual_seed(100 + i)
