@@ -17,7 +17,8 @@ from baselines.rl import train_rl_policy
 from baselines.soups import average_state_dicts
 from mpo_exp.adapters import full_model
 from mpo_exp.methods import Method, MethodOutput, PolicyCost, dpo_policies_cost
-from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
+from mpo_exp.mpo.mixing import MixedPolicy
+from mpo_exp.mpo.user_weights import check_user_weights, resolve_user_weights
 from mpo_exp.policies import Policy
 
 if TYPE_CHECKING:
@@ -48,25 +49,31 @@ def _rm_summary(rms: list[RewardModel], normalizer: Normalizer) -> dict:
 
 
 class MORLHFMethod(Method):
-    """PPO on r_w = sum_k w_k r~_k with user weights (default uniform)."""
+    """PPO on r_w = sum_k w_k r~_k with user weights: uniform (``weights=null``), fixed, or MPO's
+    lambda from this run (``weights=mpo``, the max-min table's second row)."""
 
     name = "morlhf"
 
     def __init__(
-        self, weights: Mapping[str, float] | Sequence[float] | None = None, normalization: str = "partition"
+        self,
+        weights: Mapping[str, float] | Sequence[float] | str | None = None,
+        normalization: str = "partition",
+        mpo: MPOMethod | None = None,
     ) -> None:
         self.weights, self.normalization = weights, check_normalization(normalization)
+        self.mpo = mpo
 
     def validate(self, objectives: list[str]) -> None:
-        resolve_weights(self.weights, objectives)
+        check_user_weights(self.weights, self.mpo, objectives)
 
     def run(self, ctx: RunContext) -> MethodOutput:
         objectives = ctx.task.objectives
-        w = resolve_weights(self.weights, objectives)
+        uw = resolve_user_weights(self.weights, self.mpo, ctx)
+        w = uw.vector
         rms = list(reward_models(ctx).values())
         keys = [ctx.keys[f"rm/{o}"] for o in objectives]
         norm = _normalizer(ctx, rms, keys, self.normalization)
-        label = "morlhf" if self.weights is None else "morlhf_" + "_".join(f"{x:.2f}" for x in w)
+        label = "morlhf" + (f"_{uw.suffix}" if uw.suffix else "")
         spec = {"method": "morlhf", "weights": w, "normalizer": norm.spec(), "rms": keys}
         policy, history = train_rl_policy(
             ctx,
@@ -74,11 +81,15 @@ class MORLHFMethod(Method):
             spec,
             lambda: RewardAggregator([r.model for r in rms], objectives, norm, "weighted", w, ctx.meter),
         )
+        cost = rl_cost([f"rm/{o}" for o in objectives], f"rl/{label}")
+        if uw.shared or uw.own:  # MPO's lambda: the pi_k and MPO's own stages come with it
+            cost = PolicyCost((*cost.total, *uw.shared, *uw.own), (*cost.post_processing, *uw.own))
         return MethodOutput(
             [MixedPolicy.single(policy)],
-            costs={label: rl_cost([f"rm/{o}" for o in objectives], f"rl/{label}")},
+            costs={label: cost},
             weights=dict(zip(objectives, w, strict=True)),
             extras={
+                **uw.extras,
                 "reward_models": _rm_summary(rms, norm),
                 "reward_normalization": self.normalization,
                 "rl_history": {label: history},

@@ -3,6 +3,11 @@
 One trainer serves every baseline: what differs between MORLHF and MaxMin-RLHF is only the
 ``reward_fn`` that turns a batch of responses into one scalar score per response.
 
+Under DDP (``trainer.strategy=ddp``) each rank rolls out its share of every batch of prompts
+with its own random stream, advantages (and ``whiten_scores``) are whitened with the global
+batch's statistics, DDP averages the gradients of every ``manual_backward``, and the logged
+statistics are means over ranks.
+
 Per-token rewards follow the standard RLHF recipe (Ziegler et al., 2019; TRL):
 r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the sequence score on the last token,
 so beta is the same KL coefficient the DPO policies used.
@@ -17,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from mpo_exp import distributed as dist
 from mpo_exp.cost import CostMeter, n_params
 from mpo_exp.data import SequenceBatch
 from mpo_exp.generation import sample
@@ -33,9 +39,18 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def global_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``masked_mean`` over the rows of every rank (DDP): the mean of the global batch."""
+    if dist.world_size() == 1:
+        return masked_mean(x, mask)
+    total = dist.all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]).detach())
+    return total[0] / total[1].clamp(min=1)
+
+
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """Whiten with the mean and variance of the global batch (over ranks under DDP)."""
+    mean = global_masked_mean(x, mask)
+    var = global_masked_mean((x - mean) ** 2, mask)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 
@@ -64,6 +79,16 @@ def gae(
         advantages[:, t] = last
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
+
+
+def whiten_global(scores: torch.Tensor) -> torch.Tensor:
+    """(scores - mean) / std (unbiased) over the global batch: every rank's rollouts under DDP."""
+    if dist.world_size() == 1:
+        return (scores - scores.mean()) / scores.std().clamp(min=1e-6)
+    s = dist.all_reduce_sum(torch.stack([scores.sum(), (scores**2).sum(), scores.new_tensor(len(scores))]))
+    mean = s[0] / s[2]
+    std = ((s[1] - s[2] * mean**2) / (s[2] - 1).clamp(min=1)).clamp(min=0).sqrt()
+    return (scores - mean) / std.clamp(min=1e-6)
 
 
 class PolicyWithValueHead(torch.nn.Module):
@@ -140,6 +165,7 @@ class PPOModule(pl.LightningModule):
         return 1 if self.estimator == "rloo" else self.ppo_epochs * self.minibatches
 
     def on_fit_start(self) -> None:
+        dist.seed_rank_stream()  # under DDP each rank draws its own rollouts
         # pi_ref and the reward models are not submodules (never trained): move them by hand
         for model in [*self.reference.live[0], *getattr(self.reward_fn, "models", [])]:
             model.to(self.device)
@@ -171,7 +197,7 @@ class PPOModule(pl.LightningModule):
         for model, passes in ((self.net, 2), (self.reference.policies[0].model, 1)):  # generate+score, ref
             self._charge(model, passes * batch.n_tokens)
         if self.whiten_scores:
-            scores = (scores - scores.mean()) / scores.std().clamp(min=1e-6)
+            scores = whiten_global(scores)
         kl = ((logp - logp_ref) * mask).sum(-1)
         info.update(score=float(scores.mean()), kl=float(kl.mean()), length=float(mask.sum(-1).mean()))
         self.net.train()
@@ -230,9 +256,11 @@ class PPOModule(pl.LightningModule):
         k = self.rloo_k
         total = (ro["scores"] - self.beta * ro["kl"]).view(-1, k)
         advantages = (total - (total.sum(1, keepdim=True) - total) / (k - 1)).view(-1)
-        logits, _ = self.net(ro["batch"])
+        logits, values = self.net(ro["batch"])
         logp = torch.gather(F.log_softmax(logits, -1), -1, ro["batch"].response_ids.unsqueeze(-1)).squeeze(-1)
         loss = -(advantages.detach() * (logp * ro["mask"]).sum(-1)).mean()
+        if dist.world_size() > 1:  # DDP expects a gradient for every parameter: a zero one for v_head
+            loss = loss + 0.0 * values.sum()
         opt.zero_grad()
         self.manual_backward(loss)
         self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
@@ -244,10 +272,20 @@ class PPOModule(pl.LightningModule):
         ro = self.rollout(prompts)
         stats = self._rloo_update(ro) if self.estimator == "rloo" else self._ppo_updates(ro)
         stats.update(ro["info"])
+        stats = _mean_over_ranks(stats, self.device)
         self.history.append(stats)
         shown = {"score", "kl"}
         self.log_dict({f"rl/{k}": v for k, v in stats.items() if k not in shown}, batch_size=len(prompts))
         self.log_dict({f"rl/{k}": stats[k] for k in shown}, prog_bar=True, batch_size=len(prompts))
+
+
+def _mean_over_ranks(stats: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Per-iteration statistics of the global batch (ranks hold equal shares of it)."""
+    if dist.world_size() == 1:
+        return stats
+    keys = sorted(stats)
+    total = dist.all_reduce_sum(torch.tensor([float(stats[k]) for k in keys], device=device))
+    return {k: float(v) / dist.world_size() for k, v in zip(keys, total.tolist(), strict=True)}
 
 
 def prompt_collate(items: list[list[int]]) -> list[list[int]]:

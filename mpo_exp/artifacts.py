@@ -47,6 +47,40 @@ Integrity
     correctly; if the rebuild fails, :class:`CorruptArtifactError` names the cache directory. A
     directory without a readable ``meta.json`` is treated the same way. Artifacts built before
     hashes were recorded are accepted unchecked, with one warning per directory per process.
+
+Several processes of one job (DDP, torchrun)
+    ``get_or_build`` is then collective: every rank runs the build (training stages need every
+    rank), rank 0 alone takes the lock and publishes, the others discard their copy and return
+    rank 0's artifact.
+
+Shared file systems (``hydra/launcher=slurm``: jobs on several nodes, one cache)
+    The root must be the same directory on every node (an absolute ``MPO_EXP_CACHE`` on the shared
+    file system). The one-builder guarantee then rests on three things:
+
+    * ``flock`` on ``<key>.lock`` excludes across hosts. Linux NFS clients (>= 2.6.12) emulate
+      ``flock`` with a whole-file POSIX lock sent to the server (NLM, i.e. ``rpc.statd``/``lockd``
+      running, for NFSv3; built into NFSv4) -- unless mounted ``nolock`` or ``local_lock=flock|all``,
+      which make it node-local. Emulated exclusive locks need the file open for writing, hence the
+      ``"a"`` mode. Lustre needs ``flock`` among the client's mount options (``localflock`` is
+      node-local, ``noflock`` makes it fail); BeeGFS needs ``tuneUseGlobalFileLocks = true`` (the
+      default ``false`` is node-local). Check a mount with
+      ``flock -x <dir>/t sleep 60`` on one node while ``flock -n <dir>/t true`` fails on another.
+      Where ``flock`` fails (ENOLCK, ENOSYS), ``get_or_build`` raises and the job stops. Where it is
+      silently node-local, jobs on different nodes build the same artifact at once: compute is
+      wasted, a builder may delete another node's temporary (the rule above), and the later
+      ``os.replace`` fails with "Directory not empty", so that job fails; the artifact in place is
+      complete, and re-running the sweep reuses it.
+    * ``os.replace`` of the temporary onto ``<kind>/<key>`` is one ``rename`` within one directory,
+      atomic on the server (NFS RENAME included), so readers see no artifact or a whole one. An NFS
+      client may cache "absent" for up to ``acdirmax`` (60 s by default) and so rebuild an artifact
+      that another node just finished (the failure above); ``lookupcache=positive`` avoids it.
+    * Temporaries are named ``<host>-<pid>``: only the host that made one judges whether its pid is
+      alive, so hostnames must be unique per node (pids of other hosts mean nothing here). Even a
+      wrong "dead" verdict removes nothing while the builder lives, as it holds the key's lock. A
+      job killed on another node (time limit, node failure) leaves its temporary until the next
+      builder of that key removes it. The kernel drops a killed process's lock, but a node that
+      dies holds its NFS locks until the NFSv4 lease expires (90 s by default) or, with NFSv3, until
+      it reboots, and jobs waiting on that key wait as long.
 """
 
 from __future__ import annotations
@@ -67,6 +101,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mpo_exp import distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +248,56 @@ class ArtifactStore:
         """Return the artifact for ``spec``, building it with ``build(tmp_dir)`` if absent.
 
         ``build`` writes its files into ``tmp_dir`` and may return extra metadata (e.g. cost).
-        A cached artifact that fails verification is moved aside and rebuilt.
+        A cached artifact that fails verification is moved aside and rebuilt. Under DDP the call
+        is collective (see :meth:`_get_or_build_collective`).
         """
+        if dist.world_size() > 1:
+            return self._get_or_build_collective(kind, spec, build, label)
+        return self._get_or_build(kind, spec, build, label)
+
+    def _get_or_build_collective(
+        self, kind: str, spec: dict, build: Callable[[Path], dict | None], label: str | None
+    ) -> Artifact:
+        """Every rank runs ``build`` (it may train under DDP, a collective); rank 0 alone publishes.
+
+        Rank 0 decides as one process would (reuse, or build under the file lock) and announces
+        ``("build",)`` before building; the other ranks then build into their own temporaries,
+        which are discarded. Rank 0 ends with ``("done", meta, reused)`` or ``("error", message)``,
+        and the other ranks return the artifact it published (or raise).
+        """
+        key = config_key(spec)
+        final = self.path(kind, key)
+        if dist.is_main():
+
+            def announced(tmp: Path) -> dict | None:
+                dist.broadcast_object(("build",))
+                return build(tmp)
+
+            try:
+                art = self._get_or_build(kind, spec, announced, label)
+            except BaseException as e:
+                dist.broadcast_object(("error", f"{type(e).__name__}: {e}"))
+                raise
+            dist.broadcast_object(("done", art.meta, art.reused))
+            return art
+        msg = dist.broadcast_object(None)
+        if msg[0] == "build":
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.parent / self._tmp_name(key)
+            tmp.mkdir()
+            try:
+                build(tmp)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            msg = dist.broadcast_object(None)
+        if msg[0] == "error":
+            raise RuntimeError(f"rank 0 failed to build {label or kind} at {final}: {msg[1]}")
+        _, meta, reused = msg
+        return Artifact(kind, key, final, meta, reused=reused)
+
+    def _get_or_build(
+        self, kind: str, spec: dict, build: Callable[[Path], dict | None], label: str | None = None
+    ) -> Artifact:
         key = config_key(spec)
         final = self.path(kind, key)
         label = label or kind

@@ -90,7 +90,11 @@ POSITIVE_INTS = [
 NON_NEGATIVE_INTS = ["seed", "eval.n_examples", "sft.max_steps", "dpo.lora.r"]
 POSITIVE_FLOATS = ["beta", "sft.module.lr", "dpo.module.lr", "reward_model.module.lr", "rl.module.lr"]
 NON_NEGATIVE_FLOATS = ["preferences.bt_temperature", "eval.temperature", "dpo.lora.dropout"]
-CHOICES = {"rl.module.estimator": ("ppo", "rloo")}
+CHOICES = {
+    "rl.module.estimator": ("ppo", "rloo"),
+    # MODPO's margin / RiC's scores: reward models or the implicit rewards beta*log pi_k/pi_ref
+    "method.rewards": ("rm", "implicit"),
+}
 #: values shared by design: one source of truth, an override elsewhere is refused
 SHARED = {"dpo.module.beta": "beta"}
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -336,6 +340,8 @@ def _check_lora(cfg: DictConfig) -> None:
         raise ConfigError(f"dpo.lora.alpha must be a number > 0, got dpo.lora.alpha={alpha!r}")
     if _is_number(dropout) and dropout >= 1:
         raise ConfigError(f"dpo.lora.dropout must be in [0, 1), got dpo.lora.dropout={dropout!r}")
+    if _is_int(lora.get("r")) and lora.get("r") > 0 and importlib.util.find_spec("peft") is None:
+        raise ConfigError("dpo.lora.r > 0 needs the `peft` package (LoRA adapters): pip install peft")
     targets = lora.get("target_modules")
     if targets is not None and not (
         isinstance(targets, str)

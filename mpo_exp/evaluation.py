@@ -8,6 +8,10 @@ mean over samples of log pi(y|x) - log pi_ref(y|x) (the mixed policy's log-prob 
 token-level normalised decoding distribution). The per-prompt win outcomes (``win_per_prompt``,
 in eval-prompt order) are kept too, so the report can bootstrap over prompts, paired across the
 policies of a seed.
+
+Under DDP each rank samples and scores its contiguous share of the prompts (with its own random
+stream) and the rewards, log-ratios and examples are gathered in prompt order, so every rank
+returns the same evaluation.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mpo_exp import distributed as dist
 from mpo_exp.cost import CostMeter
 from mpo_exp.data import SequenceBatch
 from mpo_exp.generation import decode_prompts, decode_responses, encode_prompts, sample
@@ -81,15 +86,17 @@ class Evaluator:
         self.task, self.ref, self.batch_size, self.temperature = task, ref, batch_size, temperature
         self.n_examples, self.seed = n_examples, seed
         self.prompts = encode_prompts(ref.tokenizer, task.prompts("eval", n_prompts, seed))
+        self.shard = list(dist.shard(self.prompts))  # this rank's prompts (all of them in one process)
         self.baseline: torch.Tensor | None = None
 
     def _sample(self, policy: MixedPolicy, meter: CostMeter | None, stream: int) -> SequenceBatch:
         # every policy samples with the same random stream (common random numbers), so
         # differences between policies are not drowned in sampling noise
         torch.manual_seed(self.seed * 7919 + stream)
+        dist.seed_rank_stream()
         return sample(
             policy,
-            self.prompts,
+            self.shard,
             self.task.max_new_tokens,
             self.batch_size,
             self.temperature,
@@ -100,7 +107,12 @@ class Evaluator:
     def _rewards(self, batch: SequenceBatch) -> tuple[torch.Tensor, list[str], list[str]]:
         tok = self.ref.tokenizer
         prompts, responses = decode_prompts(tok, batch), decode_responses(tok, batch)
-        return self.task.rewards(prompts, responses), prompts, responses
+        rewards = self.task.rewards(prompts, responses)
+        if dist.world_size() == 1:
+            return rewards, prompts, responses
+        texts = dist.gather_objects((prompts, responses))
+        prompts, responses = [p for ps, _ in texts for p in ps], [r for _, rs in texts for r in rs]
+        return dist.gather_cat(rewards), prompts, responses
 
     def reference_rewards(self, meter: CostMeter | None = None) -> torch.Tensor:
         """pi_ref's responses that every policy is compared against (drawn once)."""
@@ -114,4 +126,4 @@ class Evaluator:
         logp = score_sequences(*policy.live, batch, self.batch_size, meter)
         logp_ref = score_sequences(*self.ref.live, batch, self.batch_size, meter)
         examples = list(zip(prompts[: self.n_examples], responses[: self.n_examples], strict=True))
-        return PolicyEval(rewards, float((logp - logp_ref).mean()), examples)
+        return PolicyEval(rewards, float(dist.gather_cat(logp - logp_ref).mean()), examples)

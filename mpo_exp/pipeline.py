@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
+from mpo_exp import distributed as dist
 from mpo_exp import tracking
 from mpo_exp.artifacts import config_key
-from mpo_exp.config import build_method, to_plain
+from mpo_exp.config import ConfigError, build_method, to_plain
 from mpo_exp.context import RunContext
 from mpo_exp.evaluation import Evaluator
 from mpo_exp.methods import Method, PolicyCost, dpo_policies_cost
@@ -21,6 +23,9 @@ from mpo_exp.results import write_results
 from mpo_exp.runtime import configure_threads
 
 log = logging.getLogger(__name__)
+
+#: trainer.strategy values the pipeline supports (fsdp: accepted, see README, Distributed training)
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp")
 
 
 def run_pipeline(
@@ -31,11 +36,17 @@ def run_pipeline(
     Each policy's evaluation is appended to ``evaluations.partial.jsonl`` as it completes, and
     ``announce(results)`` (the CLI prints the table) runs before the result files are written,
     so a failing disk at the end loses no computed number.
+
+    Under torchrun (``trainer.strategy=ddp``) every rank runs this function: the stages are built
+    collectively, only rank 0 writes files and logs, and every rank returns the results.
     """
     start = time.perf_counter()
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    configure_threads(cfg.get("num_threads"))
+    distributed = _join_launch(cfg)
+    main = dist.is_main()
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    configure_threads(cfg.get("num_threads") or _threads_per_local_rank())
     run_key = config_key(
         {
             k: to_plain(v) if isinstance(v, DictConfig) else v
@@ -44,13 +55,16 @@ def run_pipeline(
         }
     )
     previous = output_dir / "results.json"
-    if cfg.get("resume", True) and previous.exists():
+    done = None
+    if main and cfg.get("resume", True) and previous.exists():
         done = json.loads(previous.read_text())
-        if done.get("run_key") == run_key:
-            log.info("job already complete (%s); skipping — set resume=false to run it again", previous)
-            return done
+    done = dist.broadcast_object(done)  # every rank skips, or none does
+    if done is not None and done.get("run_key") == run_key:
+        log.info("job already complete (%s); skipping — set resume=false to run it again", previous)
+        return done
     method: Method = build_method(cfg)
-    logger = tracking.build_logger(cfg, method.name, output_dir)
+    # rank 0 alone logs and writes; every rank computes (training and caching are collective)
+    logger = tracking.build_logger(cfg, method.name, output_dir) if main else None
     try:
         ctx = RunContext(cfg, output_dir, logger)
         ref = ctx.reference
@@ -79,13 +93,15 @@ def run_pipeline(
             baseline = ev.reference_rewards(ctx.meter)
         policies, examples = {}, {}
         partial = output_dir / "evaluations.partial.jsonl"
-        partial.unlink(missing_ok=True)
+        if main:
+            partial.unlink(missing_ok=True)
         for pol in candidates:
             with ctx.meter.stage(f"eval/{pol.name}"):
                 res = ev.evaluate(pol, ctx.meter)
             policies[pol.name] = res.summary(ctx.task.objectives, baseline)
             examples[pol.name] = res.examples
-            _append_partial(partial, {"policy": pol.name, **policies[pol.name]})
+            if main:
+                _append_partial(partial, {"policy": pol.name, **policies[pol.name]})
 
         policy_costs = {name: cost.resolve(ctx.meter.stages) for name, cost in costs.items()}
         results = {
@@ -109,6 +125,10 @@ def run_pipeline(
             "wall_s_this_run": time.perf_counter() - start,
             **out.extras,
         }
+        if distributed:
+            results["world_size"] = dist.world_size()
+        if not main:
+            return results
         if announce is not None:
             announce(results)
         write_results(results, output_dir)
@@ -117,6 +137,52 @@ def run_pipeline(
         return results
     finally:
         tracking.finish(logger)
+
+
+def _join_launch(cfg: DictConfig) -> bool:
+    """Join the torchrun process group; refuse a multi-process trainer launched as one process.
+
+    Lightning would start the other processes itself inside the first ``fit``, re-running the
+    script from the top while this one holds the cache lock of the stage being built; the
+    supported launch is torchrun, whose processes all run the whole pipeline from the start.
+    """
+    strategy = cfg.trainer.get("strategy", "auto")
+    if isinstance(strategy, str) and strategy not in STRATEGIES:
+        raise ConfigError(
+            f"trainer.strategy must be one of {STRATEGIES} (or a strategy object), got {strategy!r}: "
+            "the stages between fits need every process from the start (torchrun), not spawned ones"
+        )
+    if dist.init_from_env(str(cfg.trainer.get("accelerator", "auto"))):
+        return True
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    gpus = str(cfg.trainer.get("accelerator", "auto")) != "cpu"
+    many = (
+        (isinstance(devices, int) and devices > 1)
+        or (isinstance(devices, ListConfig) and len(devices) > 1)
+        or (str(devices) in ("-1", "auto") and gpus and _gpus() > 1)
+    )
+    if many or (isinstance(nodes, int) and nodes > 1):
+        raise ConfigError(
+            f"trainer.devices={devices}, trainer.num_nodes={nodes}: several processes are launched with "
+            f"torchrun, e.g. `torchrun --nproc_per_node=N -m mpo_exp.cli trainer.strategy=ddp "
+            f"trainer.devices=N ...` (see README, Distributed training)"
+        )
+    return False
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _threads_per_local_rank() -> int | None:
+    """With ``num_threads: null``, processes on one machine share its cores (None: one process)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if dist.world_size() == 1 or local <= 1:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // local)
 
 
 def _append_partial(path: Path, record: dict) -> None:

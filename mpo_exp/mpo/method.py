@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mpo_exp import distributed as dist
 from mpo_exp.generation import encode_prompts, sample
 from mpo_exp.methods import Method, MethodOutput, dpo_policies_cost
 from mpo_exp.mpo.bsmd import bootstrap_bsmd, solve_bsmd
-from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
+from mpo_exp.mpo.mixing import MixedPolicy
+from mpo_exp.mpo.user_weights import check_user_weights, resolve_user_weights
 from mpo_exp.scoring import score_policies
 
 if TYPE_CHECKING:
@@ -26,7 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def score_log_ratios(ctx: RunContext, n_prompts: int, samples_per_prompt: int) -> torch.Tensor:
-    """l[x, j, k] = log pi_k(y_j|x) - log pi_ref(y_j|x) for y_j ~ pi_ref: K+1 scoring passes, cached."""
+    """l[x, j, k] = log pi_k(y_j|x) - log pi_ref(y_j|x) for y_j ~ pi_ref: K+1 scoring passes, cached.
+
+    Under DDP each rank samples and scores its contiguous share of the (prompt, sample) rows and
+    the log-probs are gathered in rank order; every rank then holds the whole tensor, so BSMD runs
+    on the same data everywhere (deterministically, hence the same lambda on every rank).
+    """
     ref, singles = ctx.reference, ctx.single_objective_policies
     spec = {
         "ref": ctx.keys["sft"],
@@ -36,11 +43,15 @@ def score_log_ratios(ctx: RunContext, n_prompts: int, samples_per_prompt: int) -
         "max_new_tokens": ctx.task.max_new_tokens,
         "seed": ctx.seed,
     }
+    if dist.world_size() > 1:  # each rank samples its shard with its own stream: other samples
+        spec["world_size"] = dist.world_size()
 
     def build(tmp: Path) -> None:
         ctx.reseed(3)
+        dist.seed_rank_stream()
         prompts = ctx.task.prompts("train", n_prompts, ctx.seed + 1)
-        ids = [p for p in encode_prompts(ref.tokenizer, prompts) for _ in range(samples_per_prompt)]
+        rows = [p for p in encode_prompts(ref.tokenizer, prompts) for _ in range(samples_per_prompt)]
+        ids = list(dist.shard(rows))  # this rank's contiguous (prompt, sample) rows; all in one process
         with ctx.meter.stage("mpo/sampling"):
             batch = sample(
                 ref,
@@ -53,6 +64,7 @@ def score_log_ratios(ctx: RunContext, n_prompts: int, samples_per_prompt: int) -
         with ctx.meter.stage("mpo/scoring"):
             models = [ref.policies[0].model, *(pi.model for pi in singles.values())]
             logp = score_policies(models, batch, ctx.batch_size, ctx.meter, desc="MPO: scoring pi_ref, pi_k")
+        logp = dist.gather_cat(logp)  # every rank's rows in rank order: the single-process row order
         ell = (logp[:, 1:] - logp[:, :1]).reshape(n_prompts, samples_per_prompt, len(singles))
         torch.save({"log_ratios": ell, "objectives": list(singles)}, tmp / "log_ratios.pt")
 
@@ -156,21 +168,24 @@ class MPOMethod(Method):
         ell = score_log_ratios(ctx, self.n_prompts, self.samples_per_prompt)
         names = list(singles)
         keep = [i for i, n in enumerate(names) if n not in self.exclude]
-        with ctx.meter.stage("mpo/bsmd"):
-            res = solve_bsmd(
-                ell[..., keep],
-                self.steps,
-                self.lr_scale,
-                self.batch_prompts,
-                seed=ctx.seed,
-                objective_every=self.log_every,
-                progress=True,
-                step_size=self.step_size,
-                average_from=self.average_from,
-            )
-        if self.bootstrap:  # lambda's statistical error: reported, needed by no method
-            with ctx.meter.stage("diagnostics/mpo_bootstrap"):
-                res = bootstrap_bsmd(res, ell[..., keep], self.bootstrap, seed=ctx.seed)
+        res = None
+        if dist.is_main():  # under DDP: BSMD runs once, on rank 0, and lambda is broadcast
+            with ctx.meter.stage("mpo/bsmd"):
+                res = solve_bsmd(
+                    ell[..., keep],
+                    self.steps,
+                    self.lr_scale,
+                    self.batch_prompts,
+                    seed=ctx.seed,
+                    objective_every=self.log_every,
+                    progress=True,
+                    step_size=self.step_size,
+                    average_from=self.average_from,
+                )
+            if self.bootstrap:  # lambda's statistical error: reported, needed by no method
+                with ctx.meter.stage("diagnostics/mpo_bootstrap"):
+                    res = bootstrap_bsmd(res, ell[..., keep], self.bootstrap, seed=ctx.seed)
+        res = dist.broadcast_object(res)
         lam = torch.zeros(len(names))
         lam[keep] = res.weights
         weights = dict(zip(names, lam.tolist(), strict=True))
@@ -274,23 +289,28 @@ class MPOMethod(Method):
 
 
 class FixedMixMethod(Method):
-    """pi_w ∝ prod_k pi_k^{w_k} with user weights: MORLHF's closed-form optimum, no training."""
+    """MOD (Shi et al., 2024; ``method=mod``): pi_w ∝ prod_k pi_k^{w_k} with user weights, decoded
+    token by token -- MORLHF's closed-form optimum, no training. Shown as "MOD (fixed_mix)"."""
 
     name = "fixed_mix"
 
-    def __init__(self, weights: Mapping[str, float] | Sequence[float] | None = None) -> None:
-        self.weights = weights
+    def __init__(
+        self, weights: Mapping[str, float] | Sequence[float] | str | None = None, mpo: MPOMethod | None = None
+    ) -> None:
+        self.weights, self.mpo = weights, mpo
 
     def validate(self, objectives: list[str]) -> None:
-        resolve_weights(self.weights, objectives)
+        check_user_weights(self.weights, self.mpo, objectives)
 
     def run(self, ctx: RunContext) -> MethodOutput:
         singles = ctx.single_objective_policies
-        w = resolve_weights(self.weights, list(singles))
-        label = "_".join(f"{v:.2f}" for v in w)
-        name = f"fixed_mix_{label}"
+        uw = resolve_user_weights(self.weights, self.mpo, ctx)
+        w = uw.vector
+        # weights=mpo: MPO's lambda (this policy is MPO's); otherwise named by its weights
+        name = "fixed_mix_" + (uw.suffix if uw.own else "_".join(f"{v:.2f}" for v in w))
         return MethodOutput(
             [MixedPolicy(name, list(singles.values()), w)],
-            costs={name: dpo_policies_cost([o for o, x in zip(singles, w, strict=True) if x > 0])},
+            costs={name: dpo_policies_cost([o for o, x in zip(singles, w, strict=True) if x > 0], *uw.own)},
             weights=dict(zip(singles, w, strict=True)),
+            extras=uw.extras,
         )

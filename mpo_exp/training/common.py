@@ -10,12 +10,13 @@ cached stage built around ``fit`` fails and caches nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mpo_exp import distributed as dist
 from mpo_exp.cost import CostMeter, n_params
 
 
@@ -27,6 +28,7 @@ class NonFiniteLossError(RuntimeError):
 _CONFIG_GROUP = {
     "SFTModule": "sft",
     "DPOModule": "dpo",
+    "MODPOModule": "dpo",
     "RewardModelModule": "reward_model",
     "PPOModule": "rl",
 }
@@ -39,8 +41,12 @@ def stage_name(module: torch.nn.Module) -> str:
     return f"{name}({', '.join(extra)})" if extra else name
 
 
+def _group(module: torch.nn.Module) -> str:
+    return _CONFIG_GROUP.get(type(module).__name__, "<stage>")
+
+
 def _hint(module: torch.nn.Module) -> str:
-    group = _CONFIG_GROUP.get(type(module).__name__, "<stage>")
+    group = _group(module)
     fields = [f"the learning rate ({group}.module.lr, here {getattr(module, 'lr', '?')})"]
     if hasattr(module, "beta") or group == "<stage>":
         fields.append(f"the KL coefficient (config `beta`, here {getattr(module, 'beta', '?')})")
@@ -134,11 +140,13 @@ class PolicyModule(pl.LightningModule):
         self.lr, self.weight_decay, self.warmup_steps = lr, weight_decay, warmup_steps
         self.meter: CostMeter | None = None
         self._n_params = n_params(model)
+        # LoRA: only the adapters need weight gradients (the cost meter's backward FLOPs)
+        self._n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def charge(self, tokens: int, passes: int = 1, backward: bool = True) -> None:
         """Charge ``passes`` forward passes over ``tokens`` (and one backward if training)."""
         if self.meter is not None:
-            self.meter.charge(self._n_params, passes * tokens, backward)
+            self.meter.charge(self._n_params, passes * tokens, backward, self._n_trainable)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -146,6 +154,60 @@ class PolicyModule(pl.LightningModule):
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / self.warmup_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """This rank's share of the batches a single process would draw: same global batches under DDP.
+
+    One process shuffles with ``DataLoader(shuffle=True, generator=seed)``: a ``randperm`` per
+    epoch from one generator, cut into batches of ``batch_size``. Every rank draws the same
+    permutations and keeps a contiguous ``batch_size / world`` slice of each batch, so the union
+    of the ranks' batches is exactly the single-process batch and DDP's gradient average equals
+    its gradient (Lightning's ``DistributedSampler`` would interleave one permutation instead).
+    An epoch's incomplete last batch is trimmed to a multiple of ``world`` (at most ``world - 1``
+    rows per epoch left out), so that every rank's rows still weigh the same in the average.
+    The rank (``None``) is read when iterating, i.e. after the strategy has joined the process group.
+    """
+
+    def __init__(self, n: int, batch_size: int, world: int, seed: int, rank: int | None = None) -> None:
+        self.n, self.batch_size, self.world, self.rank = n, batch_size, world, rank
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _sizes(self) -> list[int]:
+        full, rest = divmod(self.n, self.batch_size)
+        rest -= rest % self.world
+        return [self.batch_size] * full + ([rest] if rest else [])
+
+    def __len__(self) -> int:
+        return len(self._sizes())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        at = dist.rank() if self.rank is None else self.rank
+        perm = torch.randperm(self.n, generator=self.generator).tolist()
+        start = 0
+        for size in self._sizes():
+            lo, hi = dist.shard_bounds(size, self.world, at)
+            yield perm[start + lo : start + hi]
+            start += size
+        # RandomSampler draws one more (unused) permutation at the end of each epoch: stay in step
+        torch.randperm(self.n, generator=self.generator)
+
+
+def global_batch_loader(
+    dataset: Dataset,
+    batch_size: int,
+    world: int,
+    seed: int,
+    collate: Callable | None,
+    rank: int | None = None,
+) -> DataLoader:
+    """This rank's loader over the global batches of ``DataLoader(shuffle=True, generator=seed)``.
+
+    The loader shares the sampler's generator, as the single-process loader does (it draws each
+    epoch's worker base seed from it before the permutation), so the streams stay in step.
+    """
+    sampler = GlobalBatchSampler(len(dataset), batch_size, world, seed, rank)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=sampler.generator)
 
 
 def fit(
@@ -161,17 +223,39 @@ def fit(
 ) -> None:
     """Train ``module`` for ``max_steps`` optimiser steps over shuffled ``dataset``.
 
+    ``batch_size`` is the global batch: under DDP (``trainer.strategy=ddp``, ``trainer.devices``
+    processes) each rank trains on ``batch_size / world`` rows of the same batches one process
+    would draw (:class:`GlobalBatchSampler`), so the averaged gradient is the same.
     Raises :class:`NonFiniteLossError` if a loss or, after training, a parameter is NaN or inf.
     """
     module.meter = meter
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed),
+    trainer = trainer_factory(
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=logger if logger else False,
+        use_distributed_sampler=False,  # GlobalBatchSampler shards the batches itself
     )
-    trainer = trainer_factory(max_steps=max_steps, max_epochs=-1, logger=logger if logger else False)
+    world = trainer.world_size
+    if world == 1:
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    else:
+        if batch_size % world:
+            raise ValueError(
+                f"{_group(module)}.batch_size={batch_size} is the global batch: it must be divisible by "
+                f"the number of processes (trainer.devices x trainer.num_nodes = {world})"
+            )
+        loader = global_batch_loader(dataset, batch_size, world, seed, collate)
+        if len(loader) == 0:
+            raise ValueError(
+                f"{_group(module)}: {len(dataset)} training rows make no batch for {world} processes "
+                "(trainer.devices x trainer.num_nodes): use fewer processes or more data"
+            )
     # appended rather than passed, so a trainer factory that sets its own callbacks keeps working
     trainer.callbacks.append(FiniteLossGuard())
     module.train()  # models loaded with from_pretrained arrive in eval mode; Lightning keeps submodule modes
