@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from mpo_exp import distributed as dist
 from mpo_exp import tracking
 from mpo_exp.adapters import BASE, AdapterBank, with_adapter
 from mpo_exp.artifacts import Artifact, ArtifactStore
@@ -28,6 +29,18 @@ from mpo_exp.policies import Policy, load_policy, save_policy
 from mpo_exp.preferences import PairSet, build_pairs
 
 log = logging.getLogger(__name__)
+
+
+def all_ranks_cost(cost: StageCost) -> StageCost:
+    """A stage's cost summed over ranks (tokens, FLOPs); its wall time is the slowest rank's."""
+    parts = dist.gather_objects(cost.as_dict())
+    return StageCost(
+        wall_s=max(p["wall_s"] for p in parts),
+        tokens_fwd=sum(p["tokens_fwd"] for p in parts),
+        tokens_bwd=sum(p["tokens_bwd"] for p in parts),
+        flops=sum(p["flops"] for p in parts),
+        reused=cost.reused,
+    )
 
 
 class RunContext:
@@ -75,7 +88,11 @@ class RunContext:
                     build(tmp)
             else:
                 build(tmp)
-            return {"cost": {s: self.meter.stages[s].as_dict() for s in stages if s in self.meter.stages}}
+            costs = {s: self.meter.stages[s] for s in stages if s in self.meter.stages}
+            if dist.world_size() > 1:  # every rank builds: the stage costs all ranks' work
+                for s, cost in costs.items():
+                    self.meter.record(s, all_ranks_cost(cost))
+            return {"cost": {s: self.meter.stages[s].as_dict() for s in costs}}
 
         art = self.store.get_or_build(kind, spec, run, label=name)
         self.keys[name] = art.key

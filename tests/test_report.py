@@ -530,3 +530,15 @@ def test_rl_is_set_beside_its_closed_form(tmp_path):
     mpo_only = tmp_path / "mpo"
     write_run(mpo_only, "0_mpo", "mpo", 0, {"mpo": pp_policy((0.6, 0.6), 50, 0)}, n_prompts=50)
     assert build_report(mpo_only, plots=False)["closed_form"] is None
+
+
+def test_mod_with_mpo_lambda_is_reported_as_mpo_and_grid_uniform_as_the_uniform_row():
+    from mpo_exp.report.load import pretty, row_name
+
+    assert row_name("fixed_mix_mpo_lambda") == "mpo" and pretty(row_name("fixed_mix_mpo_lambda")) == "MPO"
+    assert row_name("morlhf_0.50_0.50") == "morlhf" and pretty("morlhf") == "MORLHF (uniform w)"
+    assert (
+        row_name("morlhf_mpo_lambda") == "morlhf_mpo_lambda"
+        and pretty("morlhf_mpo_lambda") == "MORLHF (MPO's λ)"
+    )
+    assert row_name("fixed_mix_0.75_0.25") == "fixed_mix_0.75_0.25"  # a front point, not a Table 1 row

@@ -216,7 +216,11 @@ def in_table1(name: str) -> bool:
 
 def row_name(name: str) -> str:
     """A fixed-weight policy at uniform weights is the method's uniform row (``morlhf_0.50_0.50`` is
-    ``morlhf``), so a weight grid that holds the uniform point gives the max-min table its row."""
+    ``morlhf``), so a weight grid that holds the uniform point gives the max-min table its row.
+    MOD with MPO's λ (``fixed_mix_mpo_lambda``) is MPO's policy (the same λ, π_k and decoder;
+    tests/test_user_weights.py), so it is MPO's row."""
+    if name == f"fixed_mix_{MPO_LAMBDA}":
+        return "mpo"
     parsed = parse_weights(name)
     if parsed is not None and parsed[0] in WEIGHTED and is_uniform(parsed[1]):
         return parsed[0]
