@@ -204,7 +204,10 @@ def collect_fronts(
             f.missing = sorted(grid - {p.weights for p in f.points}, reverse=True)
             f.cost, f.cost_note = front_cost(f.points)
         pi_ref = _shared_point(runs, beta, "pi_ref", own=False)
-        mpo = _shared_point(runs, beta, "mpo", own=True)
+        # MPO's own job, else MOD with MPO's lambda (the same policy; see load.row_name)
+        mpo = _shared_point(runs, beta, "mpo", own=True) or _shared_point(
+            runs, beta, "fixed_mix_mpo_lambda", own=True
+        )
         ref = Reference(beta, *(summarise(p, objectives, boot) if p else None for p in (pi_ref, mpo)))
         if ref.pi_ref is not None and ref.pi_ref.ok:
             ref.corner, ref.corner_from = ref.pi_ref.xy, "π_ref's mean reward"
