@@ -152,16 +152,11 @@ def test_modpo_runs_and_declares_its_costs(smoke_cfg, tmp_path):
 
 
 def test_modpo_through_the_real_model_path(smoke_cfg, tmp_path):
-    from tests.test_real_models import make_local_assets
+    from tests.test_real_models import local_hf_overrides, make_local_assets
 
     data = make_local_assets(tmp_path)
     cfg = smoke_cfg(
-        "task=hf",
-        f"task.dataset={data}",
-        "task.max_new_tokens=8",
-        f"+task.objectives={{a: {tmp_path / 'rm_a'}, b: {{builtin: concise, scale: 0.5}}}}",
-        "model=hf",
-        f"model.name_or_path={tmp_path / 'lm'}",
+        *local_hf_overrides(tmp_path, data),
         "method=modpo",
         "method.weights={a: 0.7, b: 0.3}",
     )

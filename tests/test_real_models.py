@@ -77,6 +77,19 @@ def make_local_assets(root):
     return data
 
 
+def local_hf_overrides(root, data) -> list[str]:
+    """The real-model path on the assets under ``root``: a local HF checkpoint and data set, one
+    objective a saved reward model (``a``) and one programmatic (``b``)."""
+    return [
+        "task=hf",
+        f"task.dataset={data}",
+        "task.max_new_tokens=8",
+        f"+task.objectives={{a: {root / 'rm_a'}, b: {{builtin: concise, scale: 0.5}}}}",
+        "model=hf",
+        f"model.name_or_path={root / 'lm'}",
+    ]
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
@@ -237,12 +250,7 @@ def test_paper_imdb_preset_is_sentiment_classifier_plus_programmatic_conciseness
 def test_pipeline_on_a_local_hf_model_and_data_set(smoke_cfg, assets, tmp_path):
     root, data, rows = assets
     cfg = smoke_cfg(
-        "task=hf",
-        f"task.dataset={data}",
-        "task.max_new_tokens=8",
-        f"+task.objectives={{a: {root / 'rm_a'}, b: {{builtin: concise, scale: 0.5}}}}",
-        "model=hf",
-        f"model.name_or_path={root / 'lm'}",
+        *local_hf_overrides(root, data),
         "eval.n_examples=32",  # = eval.n_prompts: every evaluated (prompt, response) comes back
     )
     res = run_pipeline(cfg, tmp_path / "run")

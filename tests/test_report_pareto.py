@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mpo_exp.report import build_report, hypervolume, main
-from tests.test_report import outcomes
+from tests.test_report import outcomes, policy
 
 OBJ = ["helpful", "humorous"]
 GRID = [(1.0, 0.0), (0.5, 0.5), (0.0, 1.0)]
@@ -18,19 +18,13 @@ GRID = [(1.0, 0.0), (0.5, 0.5), (0.0, 1.0)]
 def metrics(
     reward: tuple[float, float], wins: tuple[float, float] = (0.5, 0.5), n: int | None = None
 ) -> dict:
-    out = {
-        "reward": dict(zip(OBJ, reward, strict=True)),
-        "reward_z": dict(zip(OBJ, reward, strict=True)),
-        "min_reward_z": min(reward),
-        "win_rate": dict(zip(OBJ, wins, strict=True)),
-        "min_win_rate": min(wins),
-        "kl": 1.0,
-    }
+    """A policy's metrics with the given mean rewards (also as z) and win rates over ``n`` prompts."""
+    per_prompt = None
     if n:
-        out["win_per_prompt"] = {
+        per_prompt = {
             o: outcomes(w, n, k + round(100 * w)) for k, (o, w) in enumerate(zip(OBJ, wins, strict=True))
         }
-    return out
+    return policy(wins, reward, objectives=OBJ, per_prompt=per_prompt)
 
 
 def stage(flops: float, wall: float = 1.0, reused: bool = False) -> dict:

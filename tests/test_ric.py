@@ -125,16 +125,11 @@ def test_ric_runs_and_its_model_serves_every_weight_setting(smoke_cfg, tmp_path)
 def test_ric_through_the_real_model_path_with_lora(smoke_cfg, tmp_path):
     """model=hf (a local HF checkpoint) with LoRA adapters: the score rows are added before the
     adapters, stay frozen (random, distinct), and the merged model is saved and read back."""
-    from tests.test_real_models import make_local_assets
+    from tests.test_real_models import local_hf_overrides, make_local_assets
 
     data = make_local_assets(tmp_path)
     cfg = smoke_cfg(
-        "task=hf",
-        f"task.dataset={data}",
-        "task.max_new_tokens=8",
-        f"+task.objectives={{a: {tmp_path / 'rm_a'}, b: {{builtin: concise, scale: 0.5}}}}",
-        "model=hf",
-        f"model.name_or_path={tmp_path / 'lm'}",
+        *local_hf_overrides(tmp_path, data),
         "+model.lora={r: 4, lora_alpha: 8, target_modules: [c_attn]}",
         "method=ric",
         "method.steps=5",
