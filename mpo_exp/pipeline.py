@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +45,7 @@ def run_pipeline(
     main = dist.is_main()
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
-    configure_threads(cfg.get("num_threads") or _threads_per_local_rank())
+    configure_threads(cfg.get("num_threads"))
     run_key = config_key(
         {
             k: to_plain(v) if isinstance(v, DictConfig) else v
@@ -174,15 +173,6 @@ def _gpus() -> int:
     import torch
 
     return torch.cuda.device_count()
-
-
-def _threads_per_local_rank() -> int | None:
-    """With ``num_threads: null``, processes on one machine share its cores (None: one process)."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    if dist.world_size() == 1 or local <= 1:
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // local)
 
 
 def _append_partial(path: Path, record: dict) -> None:

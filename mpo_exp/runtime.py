@@ -5,7 +5,8 @@ cores: with four jobs on 2 cores one SFT stage went from 23 s to 504 s. ``num_th
 (the default) gives each job ``cores // parallel jobs``, where the cores are those allotted to it
 (the submitit launchers' ``cpus_per_task`` with ``hydra/launcher=slurm|local``, else
 ``SLURM_CPUS_PER_TASK`` inside a SLURM allocation, else the machine's) and the parallel jobs are
-the joblib launcher's ``n_jobs`` in a local sweep and 1 otherwise. An integer sets it explicitly.
+the joblib launcher's ``n_jobs`` in a local sweep (times torchrun's processes per node). An
+integer sets it explicitly.
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ def _launcher_setting(name: str):
 
 
 def parallel_jobs() -> int:
-    """How many jobs of this sweep run at once on this machine (joblib's n_jobs, else 1)."""
+    """How many processes share this machine's (or allocation's) cores: the sweep's jobs running at
+    once (joblib's n_jobs, else 1) times this job's processes on this node (torchrun's
+    ``LOCAL_WORLD_SIZE``, else 1)."""
     n_jobs = _launcher_setting("n_jobs")
-    if not isinstance(n_jobs, int) or n_jobs == 0:
-        return 1
-    return os.cpu_count() or 1 if n_jobs < 0 else n_jobs
+    jobs = 1
+    if isinstance(n_jobs, int) and n_jobs != 0:
+        jobs = (os.cpu_count() or 1) if n_jobs < 0 else n_jobs
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return jobs * (int(local) if local.isdigit() and int(local) > 0 else 1)
 
 
 def allotted_cpus() -> int | None:

@@ -170,3 +170,23 @@ def test_joblib_jobs_inside_a_slurm_allocation_split_it(monkeypatch):
     finally:
         torch.set_num_threads(before)
         hydra_cfg.cfg = previous
+
+
+def test_torchrun_processes_on_a_node_split_its_cpus(monkeypatch):
+    """torchrun --nproc_per_node=2 inside a 2-CPU allocation: one thread per process, not two."""
+    import torch
+
+    from mpo_exp.runtime import configure_threads
+
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    before, hydra_cfg = torch.get_num_threads(), HydraConfig.instance()
+    previous = hydra_cfg.cfg
+    try:
+        hydra_cfg.cfg = None
+        assert configure_threads(None) == 1
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert configure_threads(None) == 2
+    finally:
+        torch.set_num_threads(before)
+        hydra_cfg.cfg = previous

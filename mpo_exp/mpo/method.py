@@ -31,8 +31,8 @@ def score_log_ratios(ctx: RunContext, n_prompts: int, samples_per_prompt: int) -
     """l[x, j, k] = log pi_k(y_j|x) - log pi_ref(y_j|x) for y_j ~ pi_ref: K+1 scoring passes, cached.
 
     Under DDP each rank samples and scores its contiguous share of the (prompt, sample) rows and
-    the log-probs are gathered in rank order; every rank then holds the whole tensor, so BSMD runs
-    on the same data everywhere (deterministically, hence the same lambda on every rank).
+    the log-probs are gathered in rank order, so every rank holds the whole tensor (BSMD then runs
+    once, on rank 0, and lambda is broadcast: :meth:`MPOMethod.run`).
     """
     ref, singles = ctx.reference, ctx.single_objective_policies
     spec = {
