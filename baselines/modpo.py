@@ -237,12 +237,12 @@ class MODPOMethod(Method):
                 others,
             )
             policy = load_policy(ctx.store.path("sft", ctx.keys["sft"]), name=label, dtype=ctx.dtype)
-            model = ctx.model_spec.trainable(policy.model)
+            model = ctx.dpo_trainable(policy.model)  # dpo.lora: LoRA, merged on save
             kwargs = {a: v for a, v in ctx.plain(cfg.module).items() if not a.startswith("_")}
             module = MODPOModule(model=model, weight=w.vector[k], objective=objectives[k], **kwargs)
             with ctx.meter.stage("modpo/train"):
                 ctx.fit(module, data, data.collate, cfg)
-            policy.model = ctx.model_spec.mergeable(model)
+            policy.model = ctx.dpo_merged(model)
             save_policy(policy, tmp)
 
         art = ctx.cached_stage(

@@ -169,6 +169,15 @@ class RunContext:
             policy.model = self.bank.view(BASE)
         return MixedPolicy.single(policy, name="pi_ref")
 
+    def dpo_trainable(self, model):
+        """The model a DPO-style stage trains: a fresh LoRA adapter with ``dpo.lora``, else as the
+        model spec says (full weights, or ``model.lora``)."""
+        return with_adapter(model, self.lora) if self.lora else self.model_spec.trainable(model)
+
+    def dpo_merged(self, model):
+        """A trained :meth:`dpo_trainable` model as a plain ``from_pretrained`` model."""
+        return model.merge_and_unload() if self.lora else self.model_spec.mergeable(model)
+
     @property
     def lora(self) -> dict | None:
         """``dpo.lora`` when ``dpo.lora.r > 0``: the pi_k are LoRA adapters on pi_ref (None: full models)."""
@@ -243,10 +252,7 @@ class RunContext:
                 )
                 data = pairs.dataset(k, ref.tokenizer.pad_token_id, drop_ties=bool(cfg.drop_ties))
                 log.info("DPO for '%s' on %d pairs (beta=%s)", objective, len(data), self.beta)
-                if self.lora:
-                    model = with_adapter(policy.model, self.lora)
-                else:
-                    model = self.model_spec.trainable(policy.model)
+                model = self.dpo_trainable(policy.model)
                 self.fit(instantiate(cfg.module)(model=model, objective=objective), data, data.collate, cfg)
                 if self.lora:  # the adapter only: pi_k = pi_ref's weights + this adapter
                     model.save_pretrained(str(tmp))

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mpo_exp.adapters import BASE, AdapterBank, AdapterModel, full_model, lora_config, shared_bank
 from mpo_exp.cost import n_params
@@ -174,7 +175,8 @@ def test_the_pipeline_runs_with_lora_policies(smoke_cfg, tmp_path):
     from mpo_exp.context import RunContext
     from mpo_exp.pipeline import run_pipeline
 
-    cfg = smoke_cfg("dpo.lora.r=4", "dpo.max_steps=10", "dpo.module.lr=1e-2", "num_threads=1")
+    lora = ("dpo.lora.r=4", "dpo.max_steps=10", "dpo.module.lr=1e-2", "num_threads=1")
+    cfg = smoke_cfg(*lora)
     res = run_pipeline(cfg, tmp_path / "run")
     objectives = res["objectives"]
     assert sum(res["lambda"]) == pytest.approx(1, abs=1e-5)
@@ -190,9 +192,16 @@ def test_the_pipeline_runs_with_lora_policies(smoke_cfg, tmp_path):
         [ctx.reference.policies[0].model, *(p.model for p in singles.values())]
     )
     soups = run_pipeline(
-        smoke_cfg(
-            "dpo.lora.r=4", "dpo.max_steps=10", "dpo.module.lr=1e-2", "num_threads=1", "method=reward_soups"
-        ),
+        smoke_cfg(*lora, "method=reward_soups"),
         tmp_path / "soups",
     )
     assert "reward_soup" in soups["policies"]
+    # MODPO trains on the dpo group's settings: a LoRA adapter too, merged into a plain checkpoint
+    modpo = run_pipeline(smoke_cfg(*lora, "method=modpo", "method.rewards=implicit"), tmp_path / "modpo")
+    assert abs(modpo["policies"]["modpo"]["kl"]) > 1e-4
+    (saved,) = [d for d in (tmp_path / "cache" / "modpo").iterdir() if d.is_dir()]
+    (sft,) = [d for d in (tmp_path / "cache" / "sft").iterdir() if d.is_dir()]
+    trained = load_file(saved / "model.safetensors")
+    base = load_file(sft / "model.safetensors")
+    changed = {n for n in base if not torch.equal(base[n], trained[n])}
+    assert changed and all(".attn.c_attn." in n for n in changed)  # only LoRA's targets moved
