@@ -167,6 +167,47 @@ def sample(
     return SequenceBatch.concat(pieces, tok.pad_token_id) if len(pieces) > 1 else pieces[0]
 
 
+class TokenStepper:
+    """The models of a token-level mixture, run one token at a time over one block of prompts.
+
+    Plain models keep a KV cache each. Adapter views of one bank run as one forward per token over
+    one block of rows per view (one KV cache holds them all). :meth:`logits` gives each model's
+    next-token logits (float32, (B, V)) for the current prefixes; :meth:`advance` appends one token
+    per row. Written once for every decoder that needs the K models' full next-token
+    distributions: adapter sampling and MPO's decoded-policy objective.
+    """
+
+    def __init__(self, models: list[torch.nn.Module], p_ids: torch.Tensor, p_mask: torch.Tensor) -> None:
+        self.models = list(models)
+        self.bank = shared_bank(self.models)
+        self.b = len(p_ids)
+        blocks = len(self.models) if self.bank is not None else 1
+        self.blocks = blocks
+        self.mask = p_mask.repeat(blocks, 1)
+        self.new = p_ids.repeat(blocks, 1)
+        self.positions = position_ids_from_mask(self.mask)
+        self.caches: list = [None] * (1 if self.bank is not None else len(self.models))
+
+    def logits(self) -> list[torch.Tensor]:
+        kw = dict(attention_mask=self.mask, position_ids=self.positions, use_cache=True)
+        if self.bank is not None:
+            rows = [m.adapter for m in self.models for _ in range(self.b)]
+            out = self.bank.forward(rows, input_ids=self.new, cache=self.caches[0], **kw)
+            self.caches[0] = out.cache
+            return list(out.logits[:, -1].float().split(self.b))
+        logits = []
+        for k, model in enumerate(self.models):
+            out = model(input_ids=self.new, cache=self.caches[k], **kw)
+            self.caches[k] = out.cache
+            logits.append(out.logits[:, -1].float())
+        return logits
+
+    def advance(self, token: torch.Tensor) -> None:
+        self.new = token.repeat(self.blocks).unsqueeze(1)
+        self.positions = self.positions[:, -1:] + 1
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.mask), 1)], dim=1)
+
+
 @torch.no_grad()
 def sample_adapters(
     bank: AdapterBank,
@@ -179,27 +220,19 @@ def sample_adapters(
 ) -> torch.Tensor:
     """Ancestral sampling from the mixture of adapter views: prompts and tokens (B, P + T).
 
-    The K views' rows go through one forward per token (row block k runs adapter k; the one KV
-    cache holds a block per adapter). Each step mirrors ``generate``'s sampling: the mixture's
-    log-softmax, the temperature, one ``torch.multinomial`` draw per row, padding after EOS and
-    stopping once every row has ended, so one view samples token for token as its merged model
-    does through ``generate`` with the same random state.
+    The K views' rows go through one forward per token (:class:`TokenStepper`). Each step mirrors
+    ``generate``'s sampling: the mixture's log-softmax, the temperature, one ``torch.multinomial``
+    draw per row, padding after EOS and stopping once every row has ended, so one view samples
+    token for token as its merged model does through ``generate`` with the same random state.
     """
-    n, b = len(views), len(p_ids)
-    rows = [v.adapter for v in views for _ in range(b)]
+    assert shared_bank(views) is bank
+    stepper = TokenStepper(views, p_ids, p_mask)
     eos, pad_id = gen_cfg.eos_token_id, gen_cfg.pad_token_id
-    mask = p_mask.repeat(n, 1)
-    new = p_ids.repeat(n, 1)
-    positions = position_ids_from_mask(mask)
-    cache, tokens = None, []
-    done = torch.zeros(b, dtype=torch.bool, device=p_ids.device)
+    tokens = []
+    done = torch.zeros(len(p_ids), dtype=torch.bool, device=p_ids.device)
     for _ in range(int(gen_cfg.max_new_tokens)):
-        out = bank.forward(
-            rows, input_ids=new, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-        )
-        cache = out.cache
-        logits = out.logits[:, -1].float().split(b)
-        scores = mixture_log_softmax(list(logits), weights) if n > 1 else logits[0]
+        logits = stepper.logits()
+        scores = mixture_log_softmax(logits, weights) if len(views) > 1 else logits[0]
         if temperature != 1.0:
             scores = scores / temperature
         token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
@@ -208,9 +241,7 @@ def sample_adapters(
         done |= token == eos
         if bool(done.all()):
             break
-        new = token.repeat(n).unsqueeze(1)
-        positions = positions[:, -1:] + 1
-        mask = torch.cat([mask, mask.new_ones(n * b, 1)], dim=1)
+        stepper.advance(token)
     return torch.cat([p_ids, torch.stack(tokens, dim=1)], dim=1)
 
 

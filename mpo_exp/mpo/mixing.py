@@ -53,13 +53,28 @@ def resolve_weights(
     return vector
 
 
-class MixedPolicy:
-    """K policies over one tokenizer with simplex weights. One policy with weight 1 is that policy."""
+def check_affine(weights: Sequence[float], field: str = "weights") -> None:
+    w = [float(x) for x in weights]
+    if any(x != x or abs(x) == float("inf") for x in w):
+        raise ValueError(f"{field} must be finite, got {w}")
+    if abs(sum(w) - 1.0) > SIMPLEX_TOL:
+        raise ValueError(f"{field} must sum to 1, got sum={sum(w):.6g} for {w}")
 
-    def __init__(self, name: str, policies: Sequence[Policy], weights: Sequence[float]) -> None:
+
+class MixedPolicy:
+    """K policies over one tokenizer with simplex weights. One policy with weight 1 is that policy.
+
+    ``affine=True`` allows any real exponents that sum to 1 (negative ones included), the family
+    pi ∝ pi_ref^{1 - sum_k a_k} prod_k pi_k^{a_k} of calibrated MPO (cf. decoding-time realignment):
+    token by token, softmax(sum_k a_k log_softmax(logits_k)) is still a distribution.
+    """
+
+    def __init__(
+        self, name: str, policies: Sequence[Policy], weights: Sequence[float], affine: bool = False
+    ) -> None:
         if len(policies) != len(weights):
             raise ValueError(f"{name}: {len(policies)} policies but {len(weights)} weights")
-        check_simplex(weights, field=f"weights of mixed policy '{name}'")
+        (check_affine if affine else check_simplex)(weights, field=f"weights of mixed policy '{name}'")
         check_same_tokenizer({p.name: p.tokenizer for p in policies})
         self.name = name
         self.policies = list(policies)
@@ -76,7 +91,7 @@ class MixedPolicy:
     @property
     def live(self) -> tuple[list[torch.nn.Module], list[float]]:
         """Models with non-zero weight (a zero-weight model is never run)."""
-        pairs = [(p.model, w) for p, w in zip(self.policies, self.weights, strict=True) if w > 0]
+        pairs = [(p.model, w) for p, w in zip(self.policies, self.weights, strict=True) if w != 0]
         return [m for m, _ in pairs], [w for _, w in pairs]
 
 
