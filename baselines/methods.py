@@ -260,5 +260,7 @@ class RewardSoupsMethod(Method):
             }
         costs = {"reward_soup": dpo_policies_cost(objectives, "soup/reward_soup")}
         if self.mpo is not None:
-            costs["weighted_reward_soup"] = dpo_policies_cost(objectives, "mpo/", "soup/weighted_reward_soup")
+            costs["weighted_reward_soup"] = dpo_policies_cost(
+                objectives, self.mpo.stage_prefix, "soup/weighted_reward_soup"
+            )
         return MethodOutput(policies, costs=costs, weights=weights, extras=extras)

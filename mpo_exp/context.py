@@ -97,7 +97,11 @@ class RunContext:
         art = self.store.get_or_build(kind, spec, run, label=name)
         self.keys[name] = art.key
         if art.reused:
-            for s, c in art.meta.get("cost", {}).items():
+            recorded = dict(art.meta.get("cost", {}))
+            if set(recorded) - set(stages) and len(recorded) == len(stages):
+                # built under other stage names (an MPO variant's prefix): charged to ours, in order
+                recorded = dict(zip(stages, recorded.values(), strict=True))
+            for s, c in recorded.items():
                 self.meter.record(s, StageCost(**{**c, "reused": True}))
         return art
 

@@ -415,6 +415,7 @@ def fit_decoded(
     init: torch.Tensor,
     settings: DecodedSettings,
     init_key: str,
+    prefix: str = "mpo/",
 ) -> dict:
     """lambda = argmin max_k h_k(lambda) for the decoded policy, warm-started at ``init``; cached.
 
@@ -438,7 +439,7 @@ def fit_decoded(
 
     def build(tmp) -> None:
         est = DecodedEstimator(ctx, models, exps, settings)
-        with ctx.meter.stage("mpo/decoded"):
+        with ctx.meter.stage(f"{prefix}decoded"):
             res = solve_minimax(est, init, settings.rounds, settings.radius, settings.average_from)
             final = est(res.weights, settings.rounds, n_prompts=settings.certify_prompts)
         std = (
@@ -465,5 +466,5 @@ def fit_decoded(
         }
         (tmp / "decoded.json").write_text(json.dumps(record))
 
-    art = ctx.cached_stage("mpo/decoded", "mpo_decoded", spec, build)
+    art = ctx.cached_stage(f"{prefix}decoded", "mpo_decoded", spec, build)
     return json.loads((art.path / "decoded.json").read_text())

@@ -83,10 +83,14 @@ class SampleScores:
 
 
 def score_samples(
-    ctx: RunContext, n_prompts: int, samples_per_prompt: int, proposal: str = "reference"
+    ctx: RunContext,
+    n_prompts: int,
+    samples_per_prompt: int,
+    proposal: str = "reference",
+    prefix: str = "mpo/",
 ) -> SampleScores:
     """Sample the proposal (pi_ref, or the mixture of pi_ref and the pi_k) and score log pi_k/pi_ref:
-    K+1 scoring passes, cached.
+    K+1 scoring passes, cached. Its cost is charged to ``{prefix}sampling`` and ``{prefix}scoring``.
 
     Under DDP each rank samples and scores its contiguous share of the (prompt, sample) rows and
     the log-probs are gathered in rank order, so every rank holds the whole tensor (BSMD then runs
@@ -116,7 +120,7 @@ def score_samples(
         mine = list(dist.shard(rows))  # this rank's contiguous (prompt, sample) rows; all in one process
         samplers = [ref, *(MixedPolicy.single(pi) for pi in singles.values())]
         batches, order = [], []
-        with ctx.meter.stage("mpo/sampling"):
+        with ctx.meter.stage(f"{prefix}sampling"):
             for i, policy in enumerate(samplers):
                 idx = [r for r, (_, src) in enumerate(mine) if src == i]
                 if not idx:
@@ -134,7 +138,7 @@ def score_samples(
                 )
                 order += idx
         batch = batches[0] if len(batches) == 1 else SequenceBatch.concat(batches, ref.tokenizer.pad_token_id)
-        with ctx.meter.stage("mpo/scoring"):
+        with ctx.meter.stage(f"{prefix}scoring"):
             models = [ref.policies[0].model, *(pi.model for pi in singles.values())]
             logp = score_policies(models, batch, ctx.batch_size, ctx.meter, desc="MPO: scoring pi_ref, pi_k")
         logp = logp[torch.argsort(torch.tensor(order))]  # back to (prompt, sample) row order
@@ -142,7 +146,8 @@ def score_samples(
         ell = (logp[:, 1:] - logp[:, :1]).reshape(n_prompts, samples_per_prompt, len(singles))
         torch.save({"log_ratios": ell, "objectives": list(singles), "counts": counts}, tmp / "log_ratios.pt")
 
-    art = ctx.cached_stage("mpo/scores", "mpo_scores", spec, build, stages=("mpo/sampling", "mpo/scoring"))
+    stages = (f"{prefix}sampling", f"{prefix}scoring")
+    art = ctx.cached_stage(f"{prefix}scores", "mpo_scores", spec, build, stages=stages)
     saved = torch.load(art.path / "log_ratios.pt")
     return SampleScores(saved["log_ratios"], saved.get("counts", counts))
 
@@ -206,6 +211,7 @@ class MPOMethod(Method):
         calibration: str = "none",
         decoded: Mapping | None = None,
     ) -> None:
+        self._init_kwargs = {k: v for k, v in locals().items() if k != "self"}
         for field, value in [
             ("n_prompts", n_prompts),
             ("samples_per_prompt", samples_per_prompt),
@@ -263,6 +269,16 @@ class MPOMethod(Method):
             raise ValueError(f"method.exclude leaves no policy to mix (objectives: {objectives})")
         proposal_counts(self.proposal, len(objectives), int(self.samples_per_prompt))
 
+    def variant(self, **overrides) -> MPOMethod:
+        """The same MPO with some fields replaced (e.g. ``objective="decoded"``), validated anew."""
+        return MPOMethod(**{**self._init_kwargs, **overrides})
+
+    @property
+    def stage_prefix(self) -> str:
+        """Cost-meter stages of this variant: ``mpo/`` for the paper's estimator, ``<label>/`` otherwise
+        (so that variants run in one job, as ``method=landscape`` does, are each charged their own work)."""
+        return self.label + "/"
+
     @property
     def label(self) -> str:
         """The policy's name: ``mpo`` for the paper's estimator, else the options that differ from it."""
@@ -274,7 +290,8 @@ class MPOMethod(Method):
 
     def run(self, ctx: RunContext) -> MethodOutput:
         singles = ctx.single_objective_policies
-        scores = score_samples(ctx, self.n_prompts, self.samples_per_prompt, self.proposal)
+        prefix = self.stage_prefix
+        scores = score_samples(ctx, self.n_prompts, self.samples_per_prompt, self.proposal, prefix)
         ell = scores.log_ratios
         names = list(singles)
         keep = [i for i, n in enumerate(names) if n not in self.exclude]
@@ -284,7 +301,7 @@ class MPOMethod(Method):
         solver_ell = solver_ell + scores.proposal_offset().unsqueeze(-1)
         res = None
         if dist.is_main():  # under DDP: BSMD runs once, on rank 0, and lambda is broadcast
-            with ctx.meter.stage("mpo/bsmd"):
+            with ctx.meter.stage(f"{prefix}bsmd"):
                 res = solve_bsmd(
                     solver_ell,
                     self.steps,
@@ -297,7 +314,7 @@ class MPOMethod(Method):
                     average_from=self.average_from,
                 )
             if self.bootstrap:  # lambda's statistical error: reported, needed by no method
-                with ctx.meter.stage("diagnostics/mpo_bootstrap"):
+                with ctx.meter.stage(f"diagnostics/{self.label}_bootstrap"):
                     res = bootstrap_bsmd(res, solver_ell, self.bootstrap, seed=ctx.seed)
         res = dist.broadcast_object(res)
         lam = torch.zeros(len(names))
@@ -379,7 +396,14 @@ class MPOMethod(Method):
             if exps.with_ref:
                 models.append(ctx.reference.policies[0].model)
             record = fit_decoded(
-                ctx, models, kept, exps, res.weights.double(), self.decoded, ctx.keys["mpo/scores"]
+                ctx,
+                models,
+                kept,
+                exps,
+                res.weights.double(),
+                self.decoded,
+                ctx.keys[f"{prefix}scores"],
+                prefix,
             )
             extras["sequence_lambda"] = dict(zip(names, lam.tolist(), strict=True))
             lam = torch.zeros(len(names))
@@ -417,7 +441,7 @@ class MPOMethod(Method):
         return MethodOutput(
             policies=[policy],
             # the mixture needs the kept pi_k's DPO runs plus MPO's own sampling, scoring and BSMD
-            costs={name: dpo_policies_cost(kept, "mpo/")},
+            costs={name: dpo_policies_cost(kept, prefix)},
             weights=weights,
             extras={
                 # lambda's statistical error per objective (all objectives; 0 if excluded): the bootstrap

@@ -55,7 +55,8 @@ def resolve_user_weights(weights: Weights, mpo: MPOMethod | None, ctx: RunContex
         assert out.weights is not None
         extras = {k: v for k, v in out.extras.items() if k in ("bsmd", "lambda_std")}
         shared = ("dpo/ref_logp", *(f"dpo/{o}" for o in objectives))
-        return ResolvedWeights([out.weights[o] for o in objectives], "mpo_lambda", shared, ("mpo/",), extras)
+        own = (mpo.stage_prefix,)
+        return ResolvedWeights([out.weights[o] for o in objectives], "mpo_lambda", shared, own, extras)
     vector = resolve_weights(weights, objectives)
     suffix = "" if weights is None else "_".join(f"{x:.2f}" for x in vector)
     return ResolvedWeights(vector, suffix)
