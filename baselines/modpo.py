@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from baselines.reward_model import reward_models, score_with_rm
+from baselines.reward_model import REWARD_SOURCES, reward_models, reward_source_stages, score_with_rm
 from mpo_exp.data import PreferenceBatch, PreferenceDataset
 from mpo_exp.methods import Method, MethodOutput, PolicyCost
 from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     from mpo_exp.mpo.method import MPOMethod
 
 log = logging.getLogger(__name__)
-
-REWARD_SOURCES = ("rm", "implicit")
 
 
 def modpo_loss(
@@ -155,11 +153,6 @@ def pair_rewards(ctx: RunContext, source: str, others: list[str]) -> tuple[torch
             out_a[:, j] = ctx.beta * (la - pairs.ref_logp_a)
             out_b[:, j] = ctx.beta * (lb - pairs.ref_logp_b)
     return out_a, out_b
-
-
-def reward_source_stages(source: str, objectives: Sequence[str]) -> tuple[str, ...]:
-    """The shared stages behind the rewards r_j: reward models, or the π_j's DPO runs."""
-    return tuple(f"rm/{o}" if source == "rm" else f"dpo/{o}" for o in objectives)
 
 
 class MODPOMethod(Method):

@@ -120,6 +120,8 @@ class PolicyWithValueHead(torch.nn.Module):
 class PPOModule(pl.LightningModule):
     """One training step = one rollout on a batch of prompts + the policy updates on it."""
 
+    config_group = "rl"
+
     def __init__(
         self,
         policy: Policy,

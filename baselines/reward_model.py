@@ -58,6 +58,8 @@ def score_with_rm(
 
 
 class RewardModelModule(PolicyModule):
+    config_group = "reward_model"
+
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0):
         super().__init__(model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps)
 
@@ -192,3 +194,13 @@ def reference_scores(ctx: RunContext, models: Sequence[PreTrainedModel], keys: S
         "rm/normalizer", "rm_reference_scores", spec, build, stages=("rm/ref_samples", "rm/normalizer")
     )
     return torch.load(art.path / "scores.pt")
+
+
+#: where a method that needs the other objectives' rewards r_j reads them (MODPO, RiC): reward
+#: models, or the pi_j's implicit rewards beta*log(pi_j/pi_ref)
+REWARD_SOURCES = ("rm", "implicit")
+
+
+def reward_source_stages(source: str, objectives: Sequence[str]) -> tuple[str, ...]:
+    """The shared stages behind the rewards r_j: reward models, or the π_j's DPO runs."""
+    return tuple(f"rm/{o}" if source == "rm" else f"dpo/{o}" for o in objectives)

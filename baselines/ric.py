@@ -32,8 +32,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
-from baselines.modpo import REWARD_SOURCES, reward_source_stages
-from baselines.reward_model import reward_models, score_with_rm
+from baselines.reward_model import REWARD_SOURCES, reward_models, reward_source_stages, score_with_rm
 from mpo_exp.data import SequenceBatch, SequenceDataset, position_ids_from_mask
 from mpo_exp.generation import encode_prompts, sample
 from mpo_exp.methods import Method, MethodOutput, PolicyCost

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from mpo_exp.config import to_plain
+from mpo_exp.nodes import to_plain
 
 log = logging.getLogger(__name__)
 

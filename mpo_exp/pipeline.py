@@ -13,11 +13,11 @@ from omegaconf import DictConfig, ListConfig
 from mpo_exp import distributed as dist
 from mpo_exp import tracking
 from mpo_exp.artifacts import config_key
-from mpo_exp.config import ConfigError, build_method, to_plain
 from mpo_exp.context import RunContext
 from mpo_exp.evaluation import Evaluator
-from mpo_exp.methods import Method, PolicyCost, dpo_policies_cost
+from mpo_exp.methods import Method, PolicyCost, build_method, dpo_policies_cost
 from mpo_exp.mpo.mixing import MixedPolicy
+from mpo_exp.nodes import ConfigError, to_plain
 from mpo_exp.results import write_results
 from mpo_exp.runtime import configure_threads
 

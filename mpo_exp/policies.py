@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from mpo_exp.config import to_plain
+from mpo_exp.nodes import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class GGUFPackageSpec(PretrainedSpec):
     def gguf_path(self) -> Path:
         """The GGUF file inside the installed package; a one-line ConfigError naming the pip command
         when the package (or ``gguf``) is missing."""
-        from mpo_exp.config import ConfigError, gguf_package_problem
+        from mpo_exp.nodes import ConfigError, gguf_package_problem
 
         problem = gguf_package_problem(self.name, self.package, self.gguf_file, self.requirement)
         if problem:

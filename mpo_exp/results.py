@@ -22,11 +22,16 @@ def format_table(results: dict) -> str:
     objs = results["objectives"]
     head = ["policy"] + [f"win {o}" for o in objs] + ["min win"] + [f"z {o}" for o in objs] + ["min z", "KL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # bold the best worst-objective win rate only (a single run has no interval to test it against)
+    best = (
+        max(f"{p['min_win_rate']:.3f}" for p in results["policies"].values()) if results["policies"] else None
+    )
     for name, p in results["policies"].items():
+        min_win = f"{p['min_win_rate']:.3f}"
         cells = (
             [name]
             + [f"{p['win_rate'][o]:.3f}" for o in objs]
-            + [f"**{p['min_win_rate']:.3f}**"]
+            + [f"**{min_win}**" if min_win == best else min_win]
             + [f"{p['reward_z'][o]:+.3f}" for o in objs]
             + [f"{p['min_reward_z']:+.3f}", f"{p['kl']:.2f}"]
         )

@@ -190,3 +190,100 @@ def test_estimate_from_samples_averages_over_prompts(models):
     assert est.per_prompt_values.shape == (10, 3) and est.per_prompt_grad.shape == (10, 3, 3)
     torch.testing.assert_close(est.values, est.per_prompt_values.mean(0))
     assert (est.stderr > 0).all()
+
+
+# ---- the paper's F, estimated with a mixture proposal -------------------------------------------
+
+
+def _tabular(seed: int = 0):
+    """pi_ref and two pi_k over 60 outcomes, the pi_k far from pi_ref and from each other."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 60, generator=g, dtype=torch.float64) * torch.tensor([[0.5], [3.0], [3.0]])
+    return F.log_softmax(logits, -1)  # rows: pi_ref, pi_1, pi_2
+
+
+def _draw(logp: torch.Tensor, counts: list[int], n: int, g: torch.Generator):
+    """n prompts x sum(counts) samples, counts[i] from policy i: (n, m, K) log-ratios to pi_ref."""
+    rows = []
+    for i, c in enumerate(counts):
+        if c:
+            rows.append(torch.multinomial(logp[i].exp(), n * c, replacement=True, generator=g).reshape(n, c))
+    y = torch.cat(rows, dim=1)
+    return (logp[1:, y] - logp[0, y]).permute(1, 2, 0)
+
+
+def test_mixture_proposal_estimates_the_papers_F_without_the_coverage_bias():
+    from mpo_exp.mpo.bsmd import mpo_objective
+    from mpo_exp.mpo.method import SampleScores, proposal_counts
+
+    logp = _tabular()
+    lam = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    exact = float(torch.logsumexp(lam @ logp[1:], -1))  # log sum_y pi_1^0.5 pi_2^0.5
+    g = torch.Generator().manual_seed(1)
+    m, n = 15, 4000
+    ref = SampleScores(
+        _draw(logp, proposal_counts("reference", 2, m), n, g), proposal_counts("reference", 2, m)
+    )
+    mix = SampleScores(_draw(logp, proposal_counts("mixture", 2, m), n, g), proposal_counts("mixture", 2, m))
+    assert mix.counts == [5, 5, 5] and ref.counts == [15, 0, 0]
+
+    def estimate(s: SampleScores) -> float:
+        return float(mpo_objective(lam, s.log_ratios.double() + s.proposal_offset().unsqueeze(-1)))
+
+    # each weight pi_lambda/q is at most 1/min alpha = 3 (weighted AM-GM), so the log-mean is nearly unbiased
+    shifted = mix.log_ratios.double() + mix.proposal_offset().unsqueeze(-1)
+    assert float((shifted @ lam).max()) <= math.log(3) + 1e-9
+    assert abs(estimate(mix) - exact) < 0.15
+    assert estimate(ref) < exact - 0.5  # pi_ref's samples rarely reach where pi_1 and pi_2 meet
+
+
+def test_proposal_offset_is_log_pi_ref_over_the_mixture():
+    from mpo_exp.mpo.method import SampleScores
+
+    ell = torch.tensor([[[0.0, math.log(2)], [math.log(3), 0.0], [-1.0, 1.0]]])  # 1 prompt, 3 samples, K = 2
+    s = SampleScores(ell, [1, 1, 1])
+    q_over_ref = (1 + ell.double().exp().sum(-1)) / 3
+    torch.testing.assert_close(s.proposal_offset(), -q_over_ref.log())
+    assert SampleScores(ell, [3, 0, 0]).proposal_offset().abs().max() == 0
+
+
+def test_calibration_scales_are_measured_on_pi_ref_samples_with_geometric_mean_one():
+    from mpo_exp.mpo.method import SampleScores
+
+    g = torch.Generator().manual_seed(0)
+    ell = torch.randn(50, 8, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 4.0]) - torch.tensor(
+        [1.0, 9.0]
+    )
+    ell[:, 4:] = 100.0  # rows drawn from the pi_k must not enter the scales
+    s = SampleScores(ell, [4, 2, 2])
+    std = s.calibration_scales("std", [0, 1])
+    assert std[0] * std[1] == pytest.approx(1.0) and std[1] / std[0] == pytest.approx(4.0, rel=0.2)
+    kl = s.calibration_scales("kl_ref", [0, 1])
+    assert kl[1] / kl[0] == pytest.approx(9.0, rel=0.2)
+    assert s.calibration_scales("none", [0, 1]) is None
+
+
+def test_an_affine_mixture_samples_and_scores_the_same_distribution(tiny_policies):
+    """pi ∝ pi_1^1.5 pi_ref^-0.5 (calibrated MPO's family): the decoder's first-token frequencies
+    match softmax(1.5 log pi_1 - 0.5 log pi_ref), which is also what scoring reads."""
+    from mpo_exp.generation import sample
+    from mpo_exp.mpo.mixing import MixedPolicy
+    from mpo_exp.scoring import token_logprobs
+
+    p1, p_ref = tiny_policies[0], tiny_policies[1]
+    with pytest.raises(ValueError, match="must be non-negative"):
+        MixedPolicy("x", [p1, p_ref], [1.5, -0.5])
+    pol = MixedPolicy("x", [p1, p_ref], [1.5, -0.5], affine=True)
+    with pytest.raises(ValueError, match="sum to 1"):
+        MixedPolicy("x", [p1, p_ref], [1.5, -0.4], affine=True)
+    prompt = p1.tokenizer("the cat", add_special_tokens=False)["input_ids"]
+    torch.manual_seed(0)
+    batch = sample(pol, [prompt] * 3000, max_new_tokens=1)
+    with torch.no_grad():
+        logits = [m(torch.tensor([prompt])).logits[0, -1] for m in (p1.model, p_ref.model)]
+    expected = F.softmax(1.5 * F.log_softmax(logits[0], -1) - 0.5 * F.log_softmax(logits[1], -1), -1)
+    freq = torch.bincount(batch.response_ids[:, 0], minlength=len(expected)).double() / 3000
+    se = (expected * (1 - expected) / 3000).sqrt().double()
+    assert ((freq - expected.double()).abs() <= 4.5 * se + 1e-3).all()
+    lp = token_logprobs([p1.model, p_ref.model], [1.5, -0.5], batch[:5])
+    torch.testing.assert_close(lp[:, 0].exp(), expected[batch.response_ids[:5, 0]], atol=1e-5, rtol=1e-4)

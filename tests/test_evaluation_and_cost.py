@@ -70,3 +70,19 @@ def test_cost_meter_flops_and_stages():
     total = meter.total(("train", "old"))
     assert total.flops == 6 * n * 100 + 1 and total.wall_s >= 2.0
     assert set(meter.as_dict()) == {"train", "score", "rl", "old"}
+
+
+def test_the_run_table_bolds_the_best_minimum_only():
+    from mpo_exp.results import format_table
+
+    def pol(m):
+        return {
+            "win_rate": {"a": m},
+            "min_win_rate": m,
+            "reward_z": {"a": 0.0},
+            "min_reward_z": 0.0,
+            "kl": 0.0,
+        }
+
+    table = format_table({"objectives": ["a"], "policies": {"x": pol(0.4), "y": pol(0.6), "z": pol(0.5)}})
+    assert table.count("**") == 2 and "**0.600**" in table

@@ -93,7 +93,12 @@ def frank_wolfe_gap(weights: torch.Tensor, log_ratios: torch.Tensor) -> float:
     ell = _check_log_ratios(log_ratios)
     lam = weights.detach().to(torch.float64).reshape(1, -1)
     _, grad = _value_and_grad(lam, ell.unsqueeze(0))
-    return max(float((lam * grad).sum() - grad.min()), 0.0)
+    return _fw_gap(lam[0], grad[0])
+
+
+def _fw_gap(lam: torch.Tensor, grad: torch.Tensor) -> float:
+    """max_k <grad, lam - e_k> = lam·grad - min_k grad_k (>= 0 up to rounding)."""
+    return max(float(lam @ grad - grad.min()), 0.0)
 
 
 @dataclass
@@ -323,7 +328,7 @@ def solve_bsmd(
     # F̂ at the answer, at lambda^0 and at the vertices; the gradient at the answer for the certificate
     points = torch.cat([weights.unsqueeze(0), lam0.unsqueeze(0), torch.eye(k, dtype=torch.float64)])
     values, grad = _value_and_grad(points, ell.unsqueeze(0).expand(k + 2, -1, -1, -1))
-    gap = max(float(weights @ grad[0] - grad[0].min()), 0.0)
+    gap = _fw_gap(weights, grad[0])
     return BSMDResult(
         weights=weights.float(),
         last=out["last"][0].float(),

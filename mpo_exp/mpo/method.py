@@ -1,14 +1,11 @@
-"""MPO as a method: sample from pi_ref, score log-ratios once, learn lambda by BSMD, mix.
-
-Also the fixed-weight mixture (the closed-form MORLHF optimum pi_w ∝ prod_k pi_k^{w_k}).
-"""
+"""MPO as a method: sample from pi_ref, score log-ratios once, learn lambda by BSMD, mix."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +19,6 @@ from mpo_exp.methods import Method, MethodOutput, dpo_policies_cost
 from mpo_exp.mpo.bsmd import bootstrap_bsmd, solve_bsmd
 from mpo_exp.mpo.decoded import DecodedSettings, Exponents, fit_decoded
 from mpo_exp.mpo.mixing import MixedPolicy
-from mpo_exp.mpo.user_weights import check_user_weights, resolve_user_weights
 from mpo_exp.scoring import score_policies
 
 if TYPE_CHECKING:
@@ -478,32 +474,4 @@ class MPOMethod(Method):
                     "bootstrap": {"replicates": self.bootstrap, "std": kept_std},
                 },
             },
-        )
-
-
-class FixedMixMethod(Method):
-    """MOD (Shi et al., 2024; ``method=mod``): pi_w ∝ prod_k pi_k^{w_k} with user weights, decoded
-    token by token -- MORLHF's closed-form optimum, no training. Shown as "MOD (fixed_mix)"."""
-
-    name = "fixed_mix"
-
-    def __init__(
-        self, weights: Mapping[str, float] | Sequence[float] | str | None = None, mpo: MPOMethod | None = None
-    ) -> None:
-        self.weights, self.mpo = weights, mpo
-
-    def validate(self, objectives: list[str]) -> None:
-        check_user_weights(self.weights, self.mpo, objectives)
-
-    def run(self, ctx: RunContext) -> MethodOutput:
-        singles = ctx.single_objective_policies
-        uw = resolve_user_weights(self.weights, self.mpo, ctx)
-        w = uw.vector
-        # weights=mpo: MPO's lambda (this policy is MPO's); otherwise named by its weights
-        name = "fixed_mix_" + (uw.suffix if uw.own else "_".join(f"{v:.2f}" for v in w))
-        return MethodOutput(
-            [MixedPolicy(name, list(singles.values()), w)],
-            costs={name: dpo_policies_cost([o for o, x in zip(singles, w, strict=True) if x > 0], *uw.own)},
-            weights=dict(zip(singles, w, strict=True)),
-            extras=uw.extras,
         )

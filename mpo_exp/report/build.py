@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 from mpo_exp.report.ablation import ablation_markdown
@@ -23,6 +24,7 @@ from mpo_exp.report.load import (
     objective_groups,
     pretty,
 )
+from mpo_exp.report.options import landscapes, options_markdown
 from mpo_exp.report.plots import front_plots, make_plots
 from mpo_exp.report.stats import DEFAULT_B, PromptBootstrap
 from mpo_exp.report.table1 import paper_table_markdown, table1
@@ -62,6 +64,8 @@ def build_report(
         "ablation": [],
         "closed_form": [],
         "fixed_weights": [],
+        "options": [],
+        "landscape": [],
     }
     report_parts: list[str] = []
     rows, costs, lambdas, images, dups, tables, all_fronts = [], [], [], [], [], [], []
@@ -84,6 +88,9 @@ def build_report(
         lam_md = lambda_markdown(objectives, lam_rows) if lam_rows else None
         ablation = ablation_markdown(objectives, records)
         closed = closed_form_markdown(objectives, records, boot)
+        options = options_markdown(objectives, runs, records, boot)
+        land_md, land_images = landscapes(runs, out, suffix, plots)
+        images += land_images
         fronts, refs = collect_fronts(objectives, runs, boot)
         fixed = fronts_markdown(objectives, fronts, refs) if fronts else None
         if fronts:
@@ -95,6 +102,8 @@ def build_report(
             ("ablation", ablation),
             ("closed_form", closed),
             ("fixed_weights", fixed),
+            ("options", options),
+            ("landscape", land_md),
         ):
             if text:
                 md_parts[key].append(f"{heading}\n\n{text}" if multi else text)
@@ -109,6 +118,10 @@ def build_report(
             report_parts += ["", f"{h} RL against its closed form", "", closed]
         if fixed:
             report_parts += ["", f"{h} Fixed user weights: Pareto fronts", "", fixed]
+        if options:
+            report_parts += ["", f"{h} MPO's variants (objective, proposal, calibration)", "", options]
+        if land_md:
+            report_parts += ["", f"{h} λ landscapes", "", land_md]
         if plots:
             images += make_plots(objectives, runs, t1.rows, group_costs, out, suffix)
             images += front_plots(objectives, fronts, refs, out, suffix)
@@ -125,7 +138,7 @@ def build_report(
     texts = {key: "\n\n".join(parts) or None for key, parts in md_parts.items()}
     (out / "table1.md").write_text(table1_md + "\n")
     (out / "cost.md").write_text(texts["cost"] + "\n")
-    for key in ("lambda", "ablation", "closed_form", "fixed_weights"):
+    for key in ("lambda", "ablation", "closed_form", "fixed_weights", "options", "landscape"):
         if texts[key]:
             (out / f"{key}.md").write_text(texts[key] + "\n")
 
@@ -156,6 +169,8 @@ def build_report(
         "ablation": texts["ablation"],
         "closed_form": texts["closed_form"],
         "fixed_weights": texts["fixed_weights"],
+        "options": texts["options"],
+        "landscape": texts["landscape"],
         "fronts": all_fronts,
         "duplicates": dups,
         "images": images,
@@ -200,11 +215,9 @@ def log_to_wandb(report: dict, root: Path, mode: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mpo_exp import report as package
-
     parser = argparse.ArgumentParser(
         prog="mpo-exp-report",
-        description=package.__doc__,
+        description=sys.modules[__package__].__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("sweep_dir", help="a Hydra multirun directory (or any folder of run directories)")
@@ -234,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     except ReportError as e:
         raise SystemExit(f"mpo-exp-report: {e}") from e
     print(report["table1"])
-    for key in ("cost", "lambda", "ablation", "fixed_weights"):
+    for key in ("cost", "lambda", "ablation", "fixed_weights", "options"):
         if report[key]:
             print()
             print(report[key])

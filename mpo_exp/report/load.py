@@ -91,7 +91,24 @@ def pretty(name: str) -> str:
         return "π_" + name[3:]
     if name.startswith("mpo_without_"):
         return "MPO w/o π_" + name[len("mpo_without_") :]
+    if name.startswith("mpo_"):
+        return variant_label(name)
     return name
+
+
+def variant_label(name: str) -> str:
+    """``mpo_decoded_cal_std`` -> "MPO (decoded, std-calibrated)"."""
+    rest = name[len("mpo_") :]
+    parts = []
+    for token, text in (("decoded", "decoded"), ("mixture", "mixture proposal")):
+        if rest.startswith(token):
+            parts.append(text)
+            rest = rest[len(token) :].lstrip("_")
+    if rest.startswith("cal_"):
+        parts.append(f"{rest[4:]}-calibrated")
+    elif rest:
+        parts.append(rest)
+    return f"MPO ({', '.join(parts)})"
 
 
 def order_key(name: str) -> tuple[int, str]:

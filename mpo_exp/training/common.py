@@ -24,16 +24,6 @@ class NonFiniteLossError(RuntimeError):
     """A training stage's loss (or, after training, a parameter) became NaN or infinite."""
 
 
-# the config group whose ``module`` builds each stage, for the hint in NonFiniteLossError
-_CONFIG_GROUP = {
-    "SFTModule": "sft",
-    "DPOModule": "dpo",
-    "MODPOModule": "dpo",
-    "RewardModelModule": "reward_model",
-    "PPOModule": "rl",
-}
-
-
 def stage_name(module: torch.nn.Module) -> str:
     """The module class plus what tells its instances apart (objective, estimator)."""
     name = type(module).__name__
@@ -42,7 +32,8 @@ def stage_name(module: torch.nn.Module) -> str:
 
 
 def _group(module: torch.nn.Module) -> str:
-    return _CONFIG_GROUP.get(type(module).__name__, "<stage>")
+    """The config group whose ``module`` builds the stage: each module class says (``config_group``)."""
+    return getattr(module, "config_group", "<stage>")
 
 
 def _hint(module: torch.nn.Module) -> str:

@@ -23,6 +23,8 @@ def dpo_loss(
 
 
 class DPOModule(PolicyModule):
+    config_group = "dpo"  # where its settings live (named in NonFiniteLossError hints)
+
     def __init__(
         self,
         model: torch.nn.Module,

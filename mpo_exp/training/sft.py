@@ -16,6 +16,8 @@ def sft_loss(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
 
 
 class SFTModule(PolicyModule):
+    config_group = "sft"
+
     def training_step(self, batch: SequenceBatch, batch_idx: int) -> torch.Tensor:
         loss = sft_loss(self.model, batch)
         self.charge(batch.n_tokens)
