@@ -347,7 +347,11 @@ def test_mpo_method_reports_certificate_and_bootstrap(monkeypatch, caplog):
     from mpo_exp.mpo import method as method_module
 
     samples = sharp_tabular_problem(3, 0.1, 9)
-    monkeypatch.setattr(method_module, "score_log_ratios", lambda ctx, n, m: samples.float())
+    monkeypatch.setattr(
+        method_module,
+        "score_samples",
+        lambda ctx, n, m, proposal, prefix: method_module.SampleScores(samples.float(), [m] + [0] * 3),
+    )
     names = ["helpful", "harmless", "humorous"]
     tok = SimpleNamespace(get_vocab=lambda: {"a": 0}, eos_token_id=0)
     metrics = []
@@ -360,7 +364,7 @@ def test_mpo_method_reports_certificate_and_bootstrap(monkeypatch, caplog):
         beta=0.1,
         log_metrics=metrics.append,
     )
-    out = method_module.MPOMethod(bootstrap=8, exclude=["harmless"]).run(ctx)
+    out = method_module.MPOMethod(objective="sequence", bootstrap=8, exclude=["harmless"]).run(ctx)
     bsmd = out.extras["bsmd"]
     assert bsmd["fw_gap"] <= bsmd["fw_gap_tolerance"] and bsmd["certified"]
     assert bsmd["bootstrap"]["replicates"] == 8 and len(bsmd["bootstrap"]["std"]) == 2
@@ -374,7 +378,7 @@ def test_mpo_method_reports_certificate_and_bootstrap(monkeypatch, caplog):
     caplog.clear()
     with caplog.at_level("WARNING"):
         out = method_module.MPOMethod(
-            steps=50, step_size="fixed", batch_prompts=8, average_from=0, bootstrap=0
+            objective="sequence", steps=50, step_size="fixed", batch_prompts=8, average_from=0, bootstrap=0
         ).run(ctx)
     assert not out.extras["bsmd"]["certified"] and out.extras["lambda_std"] is None
     assert "method.steps" in caplog.text and "method.batch_prompts" in caplog.text

@@ -21,7 +21,7 @@ def test_pipeline_writes_results_and_reuses_cached_stages(smoke_cfg, tmp_path):
     objectives = first["objectives"]
     assert objectives == ["helpful", "harmless", "humorous"]
     assert sum(first["lambda"]) == pytest.approx(1, abs=1e-5)
-    expected = {"pi_ref", "pi_helpful", "pi_harmless", "pi_humorous", "uniform_mix", "mpo"}
+    expected = {"pi_ref", "pi_helpful", "pi_harmless", "pi_humorous", "uniform_mix", "mpo_decoded"}
     assert set(first["policies"]) == expected
     for pol in first["policies"].values():
         assert set(pol) >= {"reward", "reward_z", "min_reward_z", "win_rate", "min_win_rate", "kl"}
@@ -29,35 +29,36 @@ def test_pipeline_writes_results_and_reuses_cached_stages(smoke_cfg, tmp_path):
     for o in objectives:  # DPO moved every pi_k away from pi_ref (a no-op training step would not)
         assert first["policies"][f"pi_{o}"]["kl"] > 0.01
     # MPO's policy is the mixture with the reported lambda: its KL lies below the pi_k's worst one
-    assert first["policies"]["mpo"]["kl"] < max(first["policies"][f"pi_{o}"]["kl"] for o in objectives)
-    for stage in ["sft", "preferences", "dpo/helpful", "mpo/sampling", "mpo/scoring", "mpo/bsmd"]:
+    assert first["policies"]["mpo_decoded"]["kl"] < max(
+        first["policies"][f"pi_{o}"]["kl"] for o in objectives
+    )
+    own = ["mpo_decoded/sampling", "mpo_decoded/scoring", "mpo_decoded/bsmd", "mpo_decoded/decoded"]
+    for stage in ["sft", "preferences", "dpo/helpful", *own]:
         cost = first["cost"][stage]
         assert set(cost) >= {"wall_s", "flops", "tokens_fwd", "tokens_bwd"}
         assert not cost["reused"]
-    assert first["cost"]["sft"]["tokens_bwd"] > 0 and first["cost"]["mpo/scoring"]["tokens_bwd"] == 0
+    assert first["cost"]["sft"]["tokens_bwd"] > 0 and first["cost"]["mpo_decoded/scoring"]["tokens_bwd"] == 0
     # MPO pays for the pairs, pi_ref's log-probs of them (DPO's input), the K DPO runs and its own stages
     dpo = ["preferences", "dpo/ref_logp", *(f"dpo/{o}" for o in objectives)]
-    assert first["policy_costs"]["mpo"] == {
-        "total": [*dpo, "mpo/sampling", "mpo/scoring", "mpo/bsmd"],
-        "post_processing": ["mpo/sampling", "mpo/scoring", "mpo/bsmd"],
-    }
+    assert first["policy_costs"]["mpo_decoded"] == {"total": [*dpo, *own], "post_processing": own}
     assert first["policy_costs"]["uniform_mix"] == {"total": dpo, "post_processing": []}
     assert first["policy_costs"]["pi_ref"] == {"total": [], "post_processing": []}
-    post = first["cost_summary"]["mpo"]["post_processing"]
-    assert post["flops"] == pytest.approx(
-        sum(first["cost"][s]["flops"] for s in ("mpo/sampling", "mpo/scoring"))
-    )
-    assert (tmp_path / "run1" / "results.md").read_text().count("| mpo |") == 1
+    post = first["cost_summary"]["mpo_decoded"]["post_processing"]
+    assert post["flops"] == pytest.approx(sum(first["cost"][s]["flops"] for s in own))
+    assert first["cost"]["mpo_decoded/decoded"]["flops"] > 0  # the decoded fit decodes: it is charged
+    assert (tmp_path / "run1" / "results.md").read_text().count("| mpo_decoded |") == 1
     assert json.loads((tmp_path / "run1" / "results.json").read_text())["lambda"] == first["lambda"]
 
     second = run_pipeline(cfg, tmp_path / "run2")
-    for stage in ["sft", "preferences", "dpo/helpful", "dpo/harmless", "dpo/humorous", "mpo/sampling"]:
+    for stage in ["sft", "preferences", "dpo/helpful", "dpo/harmless", "dpo/humorous", *own]:
         assert second["cost"][stage]["reused"]
         assert second["cost"][stage]["flops"] == first["cost"][stage]["flops"]  # cost of the build
     assert second["artifacts"] == first["artifacts"]
     assert second["lambda"] == pytest.approx(first["lambda"])
     for key in ("win_rate", "reward_z"):  # seeded end to end: the same numbers again
-        assert second["policies"]["mpo"][key] == pytest.approx(first["policies"]["mpo"][key], abs=1e-6)
+        assert second["policies"]["mpo_decoded"][key] == pytest.approx(
+            first["policies"]["mpo_decoded"][key], abs=1e-6
+        )
 
     # a different beta retrains the policies but reuses pi_ref and the pairs
     third = run_pipeline(smoke_cfg("beta=0.5"), tmp_path / "run3")
@@ -152,9 +153,10 @@ def test_baseline_methods_write_the_same_results(smoke_cfg, tmp_path, method, ex
         assert res["policy_costs"]["reward_soup"]["total"] == [*dpo, "soup/reward_soup"]
         assert res["policy_costs"]["weighted_reward_soup"]["total"] == [
             *dpo,
-            "mpo/sampling",
-            "mpo/scoring",
-            "mpo/bsmd",
+            "mpo_decoded/sampling",
+            "mpo_decoded/scoring",
+            "mpo_decoded/bsmd",
+            "mpo_decoded/decoded",
             "soup/weighted_reward_soup",
         ]
         return

@@ -255,7 +255,7 @@ def test_pipeline_on_a_local_hf_model_and_data_set(smoke_cfg, assets, tmp_path):
     )
     res = run_pipeline(cfg, tmp_path / "run")
     assert res["objectives"] == ["a", "b"]
-    assert {"pi_ref", "pi_a", "pi_b", "uniform_mix", "mpo"} <= set(res["policies"])
+    assert {"pi_ref", "pi_a", "pi_b", "uniform_mix", "mpo_decoded"} <= set(res["policies"])
     lam = res["lambda"]
     assert len(lam) == 2 and all(x >= 0 for x in lam) and sum(lam) == pytest.approx(1, abs=1e-5)
     # evaluation used held-out prompts only

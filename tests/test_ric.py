@@ -119,7 +119,7 @@ def test_ric_runs_and_its_model_serves_every_weight_setting(smoke_cfg, tmp_path)
     assert lam["method_policies"] == ["ric_mpo_lambda"]
     assert all(lam["cost"][s]["reused"] for s in stages)  # the same model, read out at MPO's lambda
     assert lam["ric"]["target_bins"] == dict(zip(objectives, desired_bins(lam["lambda"], 10), strict=True))
-    assert "mpo/bsmd" in lam["policy_costs"]["ric_mpo_lambda"]["total"]
+    assert "mpo_decoded/bsmd" in lam["policy_costs"]["ric_mpo_lambda"]["total"]
 
 
 def test_ric_through_the_real_model_path_with_lora(smoke_cfg, tmp_path):

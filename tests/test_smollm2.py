@@ -318,6 +318,9 @@ def shrunk(cache, out, *extra: str):
             "dpo.max_steps=2",
             "mpo_scores.n_prompts=2",
             "mpo_scores.samples_per_prompt=2",
+            "mpo_decoded.rounds=2",
+            "mpo_decoded.prompts=2",
+            "mpo_decoded.certify_prompts=2",
             "eval.n_prompts=4",
             "eval.n_examples=4",
             "inference_batch_size=8",
@@ -338,7 +341,7 @@ def test_pipeline_end_to_end_on_smollm2_shrunk(converted, cache, tmp_path):
     validate_config(cfg)
     res = run_pipeline(cfg, tmp_path / "run")
     assert res["objectives"] == ["sentiment", "concise"]
-    assert {"pi_ref", "pi_sentiment", "pi_concise", "uniform_mix", "mpo"} <= set(res["policies"])
+    assert {"pi_ref", "pi_sentiment", "pi_concise", "uniform_mix", "mpo_decoded"} <= set(res["policies"])
     assert len(res["lambda"]) == 2 and sum(res["lambda"]) == pytest.approx(1, abs=1e-5)
     prompt, response = res["examples"]["pi_ref"][0]
     assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from mpo_exp.adapters import shared_bank
 from mpo_exp.cost import CostMeter, n_params
 from mpo_exp.data import SequenceBatch, pad
 from mpo_exp.generation import TokenStepper, response_mask_until_eos
@@ -112,7 +113,8 @@ def decode_kl(
     device = next(models[0].parameters()).device
     for m in models:
         m.eval()
-    step = batch_size if len(models) == 1 else max(1, batch_size // len(models))
+    # adapter views run as one forward over a block of rows each: a forward then holds batch_size rows
+    step = batch_size if shared_bank(list(models)) is None else max(1, batch_size // len(models))
     parts: list[tuple[SequenceBatch, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     for s in range(0, len(prompts), step):
         p_ids, p_mask = pad(prompts[s : s + step], pad_id, left=True)

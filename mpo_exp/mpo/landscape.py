@@ -34,11 +34,11 @@ log = logging.getLogger(__name__)
 
 #: the MPO variants a landscape marks by default (label -> overrides of the nested ``method.mpo``)
 DEFAULT_OPTIONS = {
-    "paper": {},
-    "mixture": {"proposal": "mixture"},
+    "paper": {"objective": "sequence"},
+    "mixture": {"objective": "sequence", "proposal": "mixture"},
     "decoded": {"objective": "decoded"},
-    "paper_std": {"calibration": "std"},
-    "mixture_std": {"proposal": "mixture", "calibration": "std"},
+    "paper_std": {"objective": "sequence", "calibration": "std"},
+    "mixture_std": {"objective": "sequence", "proposal": "mixture", "calibration": "std"},
     "decoded_std": {"objective": "decoded", "calibration": "std"},
 }
 OPTION_FIELDS = ("objective", "proposal", "calibration")

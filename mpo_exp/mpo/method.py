@@ -202,7 +202,7 @@ class MPOMethod(Method):
         gap_tolerance_abs: float = 1e-4,
         coverage_tolerance: float = 1.0,
         bootstrap: int = 50,
-        objective: str = "sequence",
+        objective: str = "decoded",
         proposal: str = "reference",
         calibration: str = "none",
         decoded: Mapping | None = None,

@@ -53,7 +53,8 @@ def resolve_user_weights(weights: Weights, mpo: MPOMethod | None, ctx: RunContex
         assert mpo is not None
         out = mpo.run(ctx)
         assert out.weights is not None
-        extras = {k: v for k, v in out.extras.items() if k in ("bsmd", "lambda_std")}
+        extras = {k: v for k, v in out.extras.items() if k in ("bsmd", "lambda_std", "options")}
+        extras["mpo_policy"] = out.policies[0].name  # which MPO variant's lambda (the report's row for MOD)
         shared = ("dpo/ref_logp", *(f"dpo/{o}" for o in objectives))
         own = (mpo.stage_prefix,)
         return ResolvedWeights([out.weights[o] for o in objectives], "mpo_lambda", shared, own, extras)

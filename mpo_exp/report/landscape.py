@@ -30,7 +30,7 @@ def plot_landscape(landscape: dict, path: str | Path, title: str = "") -> Path:
     options = landscape.get("options", {})
     path = Path(path)
     if len(names) == 2:
-        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        fig, ax = plt.subplots(figsize=(9.5, 4.2))
         pts = sorted(points, key=lambda p: p["lambda"][0])
         x = [p["lambda"][0] for p in pts]
         for k, n in enumerate(names):
@@ -42,22 +42,19 @@ def plot_landscape(landscape: dict, path: str | Path, title: str = "") -> Path:
         for k, n in enumerate(names):
             ax2.plot(x, [p["kl"][k] for p in pts], "--", label=f"KL(π‖π_{n})")
         ax2.set_ylabel("decoded KL (nats)")
+        styles = [":", "-.", (0, (1, 3)), (0, (5, 2)), (0, (3, 1, 1, 1)), (0, (8, 3))]
         for i, (label, o) in enumerate(options.items()):
-            ax.axvline(o["lambda"][0], color=f"C{(i + 3) % 10}", ls=":", lw=1.5)
-            ax.text(
+            ax.axvline(
                 o["lambda"][0],
-                1.01,
-                label,
-                rotation=90,
-                va="bottom",
-                ha="center",
-                fontsize=7,
-                transform=ax.get_xaxis_transform(),
+                color=f"C{(i + 3) % 10}",
+                ls=styles[i % len(styles)],
+                lw=1.6,
+                label=f"λ: {label}",
             )
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower center")
-        ax.set_title(title, pad=40)
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center left", bbox_to_anchor=(1.12, 0.5))
+        ax.set_title(title)
     else:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
         xy = [_xy(p["lambda"]) for p in points]

@@ -235,7 +235,8 @@ def row_name(name: str) -> str:
     """A fixed-weight policy at uniform weights is the method's uniform row (``morlhf_0.50_0.50`` is
     ``morlhf``), so a weight grid that holds the uniform point gives the max-min table its row.
     MOD with MPO's λ (``fixed_mix_mpo_lambda``) is MPO's policy (the same λ, π_k and decoder;
-    tests/test_user_weights.py), so it is MPO's row."""
+    tests/test_user_weights.py), so it is MPO's row: the variant recorded in ``mpo_policy``
+    (see :func:`collect`; ``mpo`` for runs that predate it)."""
     if name == f"fixed_mix_{MPO_LAMBDA}":
         return "mpo"
     parsed = parse_weights(name)
@@ -256,6 +257,8 @@ def collect(runs: Iterable[dict]) -> Records:
         seed, beta = int(res["seed"]), float(res["beta"])
         for source, metrics in res["policies"].items():
             name = row_name(source) if source in res["method_policies"] else source
+            if name == "mpo" and source != "mpo":  # MOD with MPO's lambda: the MPO variant that made it
+                name = str(res.get("mpo_policy", "mpo"))
             key = (beta, name, row_normalization(res, source))
             own = source in res["method_policies"]
             by_seed = rec.rows[key]
