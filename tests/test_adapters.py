@@ -182,10 +182,11 @@ def test_the_pipeline_runs_with_lora_policies(smoke_cfg, tmp_path):
     assert sum(res["lambda"]) == pytest.approx(1, abs=1e-5)
     for o in objectives:
         assert res["policies"][f"pi_{o}"]["kl"] > 1e-3  # the adapters moved each pi_k
-    for d in (tmp_path / "cache" / "dpo").iterdir():
-        if d.is_dir() and not d.name.endswith(".tmp"):
-            files = {p.name for p in d.iterdir()}
-            assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    finished = [d for d in (tmp_path / "cache" / "dpo").iterdir() if d.is_dir() and ".tmp-" not in d.name]
+    assert len(finished) == len(objectives)  # temporaries are <key>.tmp-<host>-<pid>-<rand> (artifacts.py)
+    for d in finished:
+        files = {p.name for p in d.iterdir()}
+        assert "adapter_model.safetensors" in files and "model.safetensors" not in files
     ctx = RunContext(cfg, tmp_path / "ctx")
     singles = ctx.single_objective_policies
     assert ctx.bank is not None and shared_bank(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -307,12 +306,9 @@ def test_fw_gap_bounds_suboptimality_along_the_trajectory():
     assert frank_wolfe_gap(vertex, samples) >= float(mpo_objective(vertex, samples)) - f_star > 0
 
 
-def test_bootstrap_is_vectorised_and_fast():
+def test_bootstrap_replicates_are_solves_on_resampled_prompts():
     samples = sharp_tabular_problem(3, 0.5, 7)
-    start = time.perf_counter()
-    res = solve_bsmd(samples, bootstrap=50, seed=3, objective_every=0)
-    wall = time.perf_counter() - start
-    assert wall < 15  # ~1-2 s on one core; generous for shared CI machines
+    res = solve_bsmd(samples, bootstrap=50, seed=3, objective_every=0)  # speed: benchmarks/bench_pipeline.py
     boot = res.bootstrap_weights
     assert boot.shape == (50, 3)
     assert torch.allclose(boot.sum(-1), torch.ones(50), atol=1e-5) and (boot >= 0).all()
@@ -326,14 +322,6 @@ def test_bootstrap_is_vectorised_and_fast():
         torch.testing.assert_close(boot[i], one.weights, atol=1e-5, rtol=0)
     # the main answer does not depend on whether a bootstrap ran
     torch.testing.assert_close(res.weights, solve_bsmd(samples, seed=3, objective_every=0).weights)
-
-
-def test_default_solve_is_fast():
-    samples = sharp_tabular_problem(3, 0.1, 8)
-    solve_bsmd(samples, steps=20, objective_every=0)  # warm-up
-    start = time.perf_counter()
-    solve_bsmd(samples, objective_every=0)
-    assert time.perf_counter() - start < 5  # ~0.2-0.4 s on one core
 
 
 class _Meter:

@@ -69,7 +69,7 @@ def test_pipeline_writes_results_and_reuses_cached_stages(smoke_cfg, tmp_path):
 def test_leave_one_out_and_fixed_weights(smoke_cfg, tmp_path):
     loo = run_pipeline(smoke_cfg("method.exclude=[humorous]"), tmp_path / "loo")
     assert loo["lambda"][2] == 0 and sum(loo["lambda"]) == pytest.approx(1, abs=1e-5)
-    assert "mpo_without_humorous" in loo["policies"]
+    assert "mpo_decoded_without_humorous" in loo["policies"]
     fixed = run_pipeline(smoke_cfg("method=fixed_mix"), tmp_path / "fixed")
     assert fixed["lambda"] == pytest.approx([1 / 3] * 3, abs=1e-6)
 

@@ -7,9 +7,13 @@ from mpo_exp.report.load import Records, mean_std, metric
 
 
 def ablation_markdown(objectives: list[str], records: Records) -> str | None:
-    keys = [k for k in records.sorted_keys() if k[1] == "mpo" or k[1].startswith("mpo_without_")]
-    if not any(k[1].startswith("mpo_without_") for k in keys):
+    # an MPO variant (mpo, mpo_decoded, ...) and its leave-one-out runs <variant>_without_<k>
+    bases = {
+        k[1].split("_without_")[0] for k in records.rows if k[1].startswith("mpo") and "_without_" in k[1]
+    }
+    if not bases:
         return None
+    keys = [k for k in records.sorted_keys() if k[1].split("_without_")[0] in bases]
     lines = [
         "| β | policy | " + " | ".join(f"z {o}" for o in objectives) + " |",
         "|" + "---|" * (len(objectives) + 2),

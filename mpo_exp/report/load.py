@@ -89,8 +89,9 @@ def pretty(name: str) -> str:
         return f"{WEIGHTED.get(parsed[0], parsed[0])} (w={weights_text(parsed[1])})"
     if name.startswith("pi_"):
         return "π_" + name[3:]
-    if name.startswith("mpo_without_"):
-        return "MPO w/o π_" + name[len("mpo_without_") :]
+    if name.startswith("mpo") and "_without_" in name:
+        base, left_out = name.split("_without_", 1)
+        return f"{pretty(base)} w/o π_{left_out}"
     if name.startswith("mpo_"):
         return variant_label(name)
     return name
@@ -228,7 +229,7 @@ def in_table1(name: str) -> bool:
 
     Methods that take weights are here with uniform weights and with MPO's λ.
     """
-    return parse_weights(name) is None and not name.startswith("mpo_without")
+    return parse_weights(name) is None and not (name.startswith("mpo") and "_without_" in name)
 
 
 def row_name(name: str) -> str:

@@ -25,7 +25,7 @@ PAPER, UNIFORM = "mpo", "uniform_mix"
 
 def is_variant(name: str) -> bool:
     """MPO's policy or one of its variants (not leave-one-out, not another method's MPO-λ row)."""
-    return name == PAPER or (name.startswith("mpo_") and not name.startswith("mpo_without"))
+    return name == PAPER or (name.startswith("mpo_") and "_without_" not in name)
 
 
 def _outcomes(records: Records, beta: float, name: str, objectives: list[str]) -> dict[int, np.ndarray]:
