@@ -29,8 +29,7 @@ def landscape_run(tmp_path_factory):
             "eval.n_prompts=400",
             "method=landscape",
             "method.step=0.25",
-            "method.options={paper: {}, decoded: {objective: decoded},"
-            " decoded_std: {objective: decoded, calibration: std}}",
+            "method.options=[paper,decoded,decoded_std]",
             "method.mpo.decoded.rounds=12",
             "method.mpo.decoded.prompts=48",
             "method.mpo.decoded.certify_prompts=128",
@@ -118,5 +117,5 @@ def test_a_landscape_needs_two_or_three_objectives(smoke_cfg, tmp_path):
         run_pipeline(
             smoke_cfg("method=landscape", "task.objectives=[helpful,harmless,humorous,concise]"), tmp_path
         )
-    with pytest.raises(ConfigError, match=r"method\.options\.x\.beta"):
-        run_pipeline(smoke_cfg("method=landscape", "method.options={x: {beta: 1}}"), tmp_path)
+    with pytest.raises(ConfigError, match=r"method\.options: unknown variant 'decoded_z'"):
+        run_pipeline(smoke_cfg("method=landscape", "method.options=[paper,decoded_z]"), tmp_path)

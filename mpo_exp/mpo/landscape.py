@@ -4,9 +4,10 @@ For K <= 3 objectives, every lambda on a simplex grid is decoded token by token 
 prompts (the Evaluator's prompts, compared with the same pi_ref responses) and given (a) the
 judge's per-objective win rates against pi_ref and (b) the decoded policy's KL to each pi_k (and to
 pi_ref), read exactly per token (:func:`mpo_exp.mpo.decoded.decode_kl`). max_k KL is MPO's own
-max-min objective for that policy. The MPO variants in ``options`` (objective / proposal /
-calibration) are fitted on the same shared stages, marked on the same axes, and returned as
-policies, so the pipeline evaluates them beside uniform mixing exactly as it evaluates ``method=mpo``.
+max-min objective for that policy. The MPO variants in ``options`` (``paper``, ``mixture``,
+``decoded``, each optionally ``_std`` / ``_kl_ref`` calibrated) are fitted on the same shared
+stages, marked on the same axes, and returned as policies, so the pipeline evaluates them beside
+uniform mixing exactly as it evaluates ``method=mpo``.
 The figure (``landscape.png``: curves for K = 2, triangle heat-maps for K = 3) is written into the
 run's directory, and ``mpo-exp-report`` redraws it from ``results.json``.
 """
@@ -14,7 +15,7 @@ run's directory, and ``mpo-exp-report`` redraws it from ``results.json``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,23 +26,33 @@ from mpo_exp.evaluation import Evaluator, win_outcomes
 from mpo_exp.generation import decode_prompts, decode_responses
 from mpo_exp.methods import Method, MethodOutput
 from mpo_exp.mpo.decoded import decode_kl, kl_gradients
-from mpo_exp.mpo.method import MPOMethod
+from mpo_exp.mpo.method import CALIBRATIONS, MPOMethod
 
 if TYPE_CHECKING:
     from mpo_exp.context import RunContext
 
 log = logging.getLogger(__name__)
 
-#: the MPO variants a landscape marks by default (label -> overrides of the nested ``method.mpo``)
-DEFAULT_OPTIONS = {
-    "paper": {"objective": "sequence"},
-    "mixture": {"objective": "sequence", "proposal": "mixture"},
-    "decoded": {"objective": "decoded"},
-    "paper_std": {"objective": "sequence", "calibration": "std"},
-    "mixture_std": {"objective": "sequence", "proposal": "mixture", "calibration": "std"},
-    "decoded_std": {"objective": "decoded", "calibration": "std"},
+#: a variant's label: <base>[_<calibration>], each base an (objective, proposal)
+BASES = {
+    "paper": ("sequence", "reference"),
+    "mixture": ("sequence", "mixture"),
+    "decoded": ("decoded", "reference"),
 }
-OPTION_FIELDS = ("objective", "proposal", "calibration")
+DEFAULT_OPTIONS = ["paper", "mixture", "decoded", "paper_std", "mixture_std", "decoded_std"]
+
+
+def option_overrides(label: str) -> dict[str, str]:
+    """``decoded_std`` -> objective=decoded, proposal=reference, calibration=std (of ``method.mpo``)."""
+
+    base, _, calibration = label.partition("_")
+    if base not in BASES or (calibration and calibration not in CALIBRATIONS):
+        raise ValueError(
+            f"method.options: unknown variant {label!r}; a variant is <base>[_<calibration>] with base in "
+            f"{sorted(BASES)} and calibration in {list(CALIBRATIONS[1:])} (e.g. decoded_std)"
+        )
+    objective, proposal = BASES[base]
+    return {"objective": objective, "proposal": proposal, "calibration": calibration or "none"}
 
 
 def simplex_grid(k: int, step: float) -> list[list[float]]:
@@ -67,24 +78,19 @@ class LandscapeMethod(Method):
         self,
         mpo: MPOMethod,
         step: float = 0.1,
-        options: Mapping[str, Mapping[str, str]] | None = None,
+        options: Sequence[str] | None = None,
         max_objectives: int = 3,
     ) -> None:
         if not 0 < float(step) <= 0.5:
             raise ValueError(f"method.step must be in (0, 0.5], got {step}")
         simplex_grid(2, float(step))  # 1/step must be an integer
         self.mpo, self.step, self.max_objectives = mpo, float(step), int(max_objectives)
-        options = dict(DEFAULT_OPTIONS if options is None else options)
-        self.options: dict[str, MPOMethod] = {}
-        for label, overrides in options.items():
-            overrides = dict(overrides or {})
-            unknown = sorted(set(overrides) - set(OPTION_FIELDS))
-            if unknown:
-                raise ValueError(f"method.options.{label}.{unknown[0]}: unknown field; use {OPTION_FIELDS}")
-            self.options[label] = mpo.variant(**overrides)
-        labels = [m.label for m in self.options.values()]
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"method.options: two options are the same MPO variant ({labels})")
+        labels = list(DEFAULT_OPTIONS if options is None else options)
+        if not labels or len(set(labels)) != len(labels):
+            raise ValueError(f"method.options must name one or more distinct variants, got {labels}")
+        self.options: dict[str, MPOMethod] = {
+            label: mpo.variant(**option_overrides(label)) for label in labels
+        }
 
     def validate(self, objectives: list[str]) -> None:
         if not 2 <= len(objectives) <= self.max_objectives:
