@@ -360,6 +360,6 @@ def test_torchrun_runs_the_pipeline_on_two_processes(tmp_path):
     for o in results["objectives"]:  # every pi_k was trained (DDP DPO ran its steps)
         assert results["cost"][f"dpo/{o}"]["tokens_bwd"] > 0
         assert results["policies"][f"pi_{o}"]["kl"] > 0.01
-    assert out.stdout.count("| mpo |") == 1  # rank 0 alone prints the table
+    assert out.stdout.count("| mpo_decoded |") == 1  # rank 0 alone prints the table
     for kind in ("sft", "pairs", "dpo", "mpo_scores"):  # published once, no temporaries left behind
         assert all(".tmp-" not in p.name for p in (tmp_path / "cache" / kind).iterdir())

@@ -146,7 +146,9 @@ def test_modpo_runs_and_declares_its_costs(smoke_cfg, tmp_path):
             assert total == ["preferences", "dpo/ref_logp", *rms, "modpo/margins", "modpo/train"]
             assert res["lambda"] == pytest.approx([1 / 3] * 3)
         else:  # MPO's lambda needs every pi_k and MPO's stages; the margins read the pi_j's implicit rewards
-            assert {f"dpo/{o}" for o in objectives} | {"mpo/sampling", "mpo/bsmd"} <= set(total)
+            assert {f"dpo/{o}" for o in objectives} | {"mpo_decoded/sampling", "mpo_decoded/bsmd"} <= set(
+                total
+            )
             assert not any(s.startswith("rm/") for s in total)
             assert k == objectives[max(range(3), key=res["lambda"].__getitem__)]
 
