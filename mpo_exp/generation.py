@@ -187,6 +187,8 @@ class TokenStepper:
         self.new = p_ids.repeat(blocks, 1)
         self.positions = position_ids_from_mask(self.mask)
         self.caches: list = [None] * (1 if self.bank is not None else len(self.models))
+        self.done = torch.zeros(self.b, dtype=torch.bool, device=p_ids.device)  # rows past their EOS
+        self.tokens: list[torch.Tensor] = []
 
     def logits(self) -> list[torch.Tensor]:
         kw = dict(attention_mask=self.mask, position_ids=self.positions, use_cache=True)
@@ -201,6 +203,22 @@ class TokenStepper:
             self.caches[k] = out.cache
             logits.append(out.logits[:, -1].float())
         return logits
+
+    def emit(self, token: torch.Tensor, pad_id: int, eos_id: int) -> bool:
+        """Record one sampled token per row (the pad token for rows that have ended) and advance;
+        True once every row has ended (as ``generate`` stops). :attr:`response` holds the tokens."""
+        token = torch.where(self.done, torch.full_like(token, pad_id), token)
+        self.tokens.append(token)
+        self.done |= token == eos_id
+        if bool(self.done.all()):
+            return True
+        self.advance(token)
+        return False
+
+    @property
+    def response(self) -> torch.Tensor:
+        """The emitted tokens: (B, T)."""
+        return torch.stack(self.tokens, dim=1)
 
     def advance(self, token: torch.Tensor) -> None:
         self.new = token.repeat(self.blocks).unsqueeze(1)
@@ -227,22 +245,15 @@ def sample_adapters(
     """
     assert shared_bank(views) is bank
     stepper = TokenStepper(views, p_ids, p_mask)
-    eos, pad_id = gen_cfg.eos_token_id, gen_cfg.pad_token_id
-    tokens = []
-    done = torch.zeros(len(p_ids), dtype=torch.bool, device=p_ids.device)
     for _ in range(int(gen_cfg.max_new_tokens)):
         logits = stepper.logits()
         scores = mixture_log_softmax(logits, weights) if len(views) > 1 else logits[0]
         if temperature != 1.0:
             scores = scores / temperature
         token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        tokens.append(token)
-        done |= token == eos
-        if bool(done.all()):
+        if stepper.emit(token, gen_cfg.pad_token_id, gen_cfg.eos_token_id):
             break
-        stepper.advance(token)
-    return torch.cat([p_ids, torch.stack(tokens, dim=1)], dim=1)
+    return torch.cat([p_ids, stepper.response], dim=1)
 
 
 def decode_responses(tokenizer, batch: SequenceBatch) -> list[str]:

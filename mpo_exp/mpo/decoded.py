@@ -121,8 +121,7 @@ def decode_kl(
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
         stepper = TokenStepper(list(models), p_ids, p_mask)
         b = len(p_ids)
-        done = torch.zeros(b, dtype=torch.bool, device=device)
-        tokens, kls, scores = [], [], []
+        kls, scores = [], []
         dkl = torch.zeros(b, len(models), len(models), dtype=torch.float64, device=device)
         for _ in range(int(max_new_tokens)):
             logp_e = torch.stack([F.log_softmax(lg, dim=-1) for lg in stepper.logits()]).clamp_min(LOG_FLOOR)
@@ -133,18 +132,14 @@ def decode_kl(
             centred = logp_e - torch.einsum("bv,fbv->fb", p, logp_e).unsqueeze(-1)  # log pi_f - E_p log pi_f
             dkl_t = torch.einsum("bv,ebv,fbv->bef", p, diff, centred)  # Cov_p(log pi_f, log p - log pi_e)
             token = torch.multinomial(p, num_samples=1).squeeze(1)
-            alive = (~done).to(p.dtype)
+            alive = (~stepper.done).to(p.dtype)
             score_t = centred.gather(-1, token.view(1, b, 1).expand(len(models), b, 1)).squeeze(-1).T
             kls.append(kl_t * alive.unsqueeze(-1))
             scores.append(score_t * alive.unsqueeze(-1))
             dkl += dkl_t.double() * alive.double().view(b, 1, 1)
-            token = torch.where(done, torch.full_like(token, pad_id), token)
-            tokens.append(token)
-            done |= token == eos_id
-            if bool(done.all()):
+            if stepper.emit(token, pad_id, eos_id):
                 break
-            stepper.advance(token)
-        r_ids = torch.stack(tokens, dim=1).cpu()
+        r_ids = stepper.response.cpu()
         r_mask = response_mask_until_eos(r_ids, eos_id)
         batch = SequenceBatch(p_ids.cpu(), p_mask.cpu(), r_ids.masked_fill(r_mask == 0, pad_id), r_mask)
         if meter is not None:
