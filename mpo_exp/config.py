@@ -61,8 +61,16 @@ POSITIVE_INTS = [
 ]
 # sft.max_steps=0: pi_ref is the model as loaded (e.g. an instruct model), no SFT corpus needed
 NON_NEGATIVE_INTS = ["seed", "eval.n_examples", "sft.max_steps", "dpo.lora.r"]
-POSITIVE_FLOATS = ["beta", "sft.module.lr", "dpo.module.lr", "reward_model.module.lr", "rl.module.lr"]
-NON_NEGATIVE_FLOATS = ["preferences.bt_temperature", "eval.temperature", "dpo.lora.dropout"]
+# eval.temperature: the sampler divides by it (0 would fail only once evaluation starts)
+POSITIVE_FLOATS = [
+    "beta",
+    "sft.module.lr",
+    "dpo.module.lr",
+    "reward_model.module.lr",
+    "rl.module.lr",
+    "eval.temperature",
+]
+NON_NEGATIVE_FLOATS = ["preferences.bt_temperature", "dpo.lora.dropout"]
 CHOICES = {
     "rl.module.estimator": ("ppo", "rloo"),
     # MODPO's margin / RiC's scores: reward models or the implicit rewards beta*log pi_k/pi_ref

@@ -58,6 +58,7 @@ BAD = [
     (["task.max_new_tokens=70"], "task.max_new_tokens"),
     (["beta=inf"], "must be a finite number"),
     (["eval.temperature=nan"], "eval.temperature"),
+    (["eval.temperature=0"], "eval.temperature"),  # the sampler's own check came after every stage
     (["beta=0"], "beta must be a number > 0"),
     (["beta=-1"], "beta must be a number > 0"),
     (["seed=true"], "seed must be a non-negative integer"),
