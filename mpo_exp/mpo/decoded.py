@@ -13,9 +13,10 @@ lambda for that family directly, on-policy:
 * :func:`kl_gradients` turns these into per-sequence KL totals (Rao-Blackwellised) and an unbiased
   gradient (exact per-token part + score-function part with rewards-to-go and a leave-one-out
   baseline over the samples of the same prompt).
-* :func:`solve_minimax` runs stochastic prox-linear mirror descent on the simplex: each round
-  minimises the linearised max_k h_k plus a KL proximity term, whose dual gives the objectives'
-  weights mu; the output averages the iterates of the last rounds.
+* :func:`solve_minimax` runs stochastic successive linearisation on the simplex: each round solves
+  the small LP min max_k [h_k + G_k·(lambda - lambda_r)] within a box around lambda_r (whose duals
+  are the objectives' weights mu) and moves part of the way there; the output averages the
+  iterates of the last rounds. :func:`certificate` and :func:`bootstrap_std` report on the answer.
 
 Calibration (``method.calibration``): with objective k's reward divided by s_k the optimum family is
 pi ∝ pi_ref^{1 - sum_k lambda_k/s_k} prod_k pi_k^{lambda_k/s_k} and the max-min objective becomes
