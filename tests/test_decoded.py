@@ -188,8 +188,12 @@ def test_estimate_from_samples_averages_over_prompts(models):
     d = decode_kl(models, [0.4, 0.4, 0.2], [PROMPT] * 40, 3, PAD, EOS)
     est = estimate_from_samples(d, Exponents(3), 4)
     assert est.per_prompt_values.shape == (10, 3) and est.per_prompt_grad.shape == (10, 3, 3)
-    torch.testing.assert_close(est.values, est.per_prompt_values.mean(0))
-    assert (est.stderr > 0).all()
+    total, _ = kl_gradients(d, 4)
+    per_prompt = total.reshape(10, 4, 3).mean(1)  # rows are prompts repeated 4 times in a row
+    torch.testing.assert_close(est.values, total.mean(0))
+    # the standard error is over prompts (the samples of one prompt are not independent), not rows
+    torch.testing.assert_close(est.stderr, per_prompt.std(0) / math.sqrt(10))
+    assert not torch.allclose(est.stderr, total.std(0) / math.sqrt(40))
 
 
 # ---- the paper's F, estimated with a mixture proposal -------------------------------------------
