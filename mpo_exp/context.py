@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -29,6 +30,63 @@ from mpo_exp.policies import Policy, load_policy, save_policy
 from mpo_exp.preferences import PairSet, build_pairs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """What, beyond its own spec, a kind of cached stage depends on: keyed by :meth:`RunContext.stage_key`.
+
+    ``version`` is the stage's salt: bump it when its build changes what it computes, so that old
+    artifacts are rebuilt rather than silently reused (the package version is not in the key: most
+    releases change no stage). ``trains``: the result-changing trainer fields (precision, gradient
+    accumulation and clipping, ...) shape its weights. ``samples``: it draws samples, whose random
+    stream depends on how rows are batched (``inference_batch_size``) and, under DDP, on the rank.
+    """
+
+    version: int
+    trains: bool = False
+    samples: bool = False
+
+
+#: every kind of artifact a run caches (``cached_stage`` refuses any other)
+STAGE_KINDS: dict[str, StageKind] = {
+    "sft": StageKind(1, trains=True),
+    "pairs": StageKind(1, samples=True),
+    "dpo": StageKind(1, trains=True),
+    "mpo_scores": StageKind(1, samples=True),
+    "mpo_decoded": StageKind(1, samples=True),
+    "reward_model": StageKind(1, trains=True),
+    "rm_reference_scores": StageKind(1, samples=True),
+    "rl_policy": StageKind(1, trains=True, samples=True),
+    "modpo": StageKind(1, trains=True),
+    "ric": StageKind(1, trains=True, samples=True),
+}
+
+#: trainer fields that change how a run looks, not what it computes. Topology (accelerator,
+#: devices, num_nodes, strategy) is here too: DDP training is the single-process computation
+#: (tests/test_distributed.py); where processes change samples, ``world_size`` is keyed instead.
+TRAINER_DISPLAY_FIELDS = frozenset(
+    {
+        "_target_",
+        "_partial_",
+        "enable_progress_bar",
+        "enable_model_summary",
+        "enable_checkpointing",
+        "log_every_n_steps",
+        "logger",
+        "callbacks",
+        "default_root_dir",
+        "accelerator",
+        "devices",
+        "num_nodes",
+        "strategy",
+    }
+)
+
+
+def trainer_key(trainer: DictConfig) -> dict:
+    """The trainer's result-changing fields (everything not in :data:`TRAINER_DISPLAY_FIELDS`)."""
+    return {k: v for k, v in to_plain(trainer).items() if k not in TRAINER_DISPLAY_FIELDS}
 
 
 def all_ranks_cost(cost: StageCost) -> StageCost:
@@ -81,6 +139,7 @@ class RunContext:
         cost columns do not depend on what happened to be cached.
         """
         stages = stages or (name,)
+        spec = self.stage_key(kind, spec)
 
         def run(tmp: Path) -> dict:
             if stages == (name,):
@@ -104,6 +163,23 @@ class RunContext:
             for s, c in recorded.items():
                 self.meter.record(s, StageCost(**{**c, "reused": True}))
         return art
+
+    def stage_key(self, kind: str, spec: dict) -> dict:
+        """``spec`` plus what every stage of ``kind`` depends on (:class:`StageKind`): the cache key."""
+        if kind not in STAGE_KINDS:
+            raise KeyError(f"unknown stage kind {kind!r}: declare it in mpo_exp.context.STAGE_KINDS")
+        what = STAGE_KINDS[kind]
+        extra: dict = {"stage_version": what.version}
+        if what.trains:
+            extra["trainer"] = trainer_key(self.cfg.trainer)
+        if what.samples:
+            extra["inference_batch_size"] = self.batch_size
+            if dist.world_size() > 1:
+                extra["world_size"] = dist.world_size()
+        clash = sorted(set(extra) & set(spec))
+        if clash:
+            raise KeyError(f"stage spec field {clash[0]!r} is set by RunContext.stage_key")
+        return {**spec, **extra}
 
     def plain(self, node) -> dict:
         """A config node as a plain dict: the spec that keys an artifact."""

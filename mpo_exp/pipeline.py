@@ -13,7 +13,7 @@ from omegaconf import DictConfig, ListConfig
 from mpo_exp import distributed as dist
 from mpo_exp import tracking
 from mpo_exp.artifacts import config_key
-from mpo_exp.context import RunContext
+from mpo_exp.context import RunContext, trainer_key
 from mpo_exp.evaluation import Evaluator
 from mpo_exp.methods import Method, PolicyCost, build_method, dpo_policies_cost
 from mpo_exp.mpo.mixing import MixedPolicy
@@ -48,9 +48,12 @@ def run_pipeline(
     configure_threads(cfg.get("num_threads"))
     run_key = config_key(
         {
-            k: to_plain(v) if isinstance(v, DictConfig) else v
-            for k, v in cfg.items()
-            if k not in ("paths", "logger", "trainer", "resume", "num_threads")
+            **{
+                k: to_plain(v) if isinstance(v, DictConfig) else v
+                for k, v in cfg.items()
+                if k not in ("paths", "logger", "trainer", "resume", "num_threads")
+            },
+            "trainer": trainer_key(cfg.trainer),
         }
     )
     previous = output_dir / "results.json"

@@ -104,8 +104,6 @@ def score_samples(
     }
     if proposal != "reference":  # the reference proposal keeps the key it always had
         spec["proposal"] = proposal
-    if dist.world_size() > 1:  # each rank samples its shard with its own stream: other samples
-        spec["world_size"] = dist.world_size()
 
     def build(tmp: Path) -> None:
         ctx.reseed(3)
