@@ -5,8 +5,9 @@ One trainer serves every baseline: what differs between MORLHF and MaxMin-RLHF i
 
 Under DDP (``trainer.strategy=ddp``) each rank rolls out its share of every batch of prompts
 with its own random stream, advantages (and ``whiten_scores``) are whitened with the global
-batch's statistics, DDP averages the gradients of every ``manual_backward``, and the logged
-statistics are means over ranks.
+batch's statistics, DDP averages the gradients of every ``manual_backward`` (PPO's token means
+divide by the global token count, so the average is the single-process gradient), and the
+logged statistics are means over ranks.
 
 Per-token rewards follow the standard RLHF recipe (Ziegler et al., 2019; TRL):
 r_t = -beta * (log pi(y_t) - log pi_ref(y_t)), plus the sequence score on the last token,
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from mpo_exp import distributed as dist
+from mpo_exp.adapters import disable_model_dropout
 from mpo_exp.cost import CostMeter, n_params
 from mpo_exp.data import SequenceBatch
 from mpo_exp.generation import sample
@@ -45,6 +47,15 @@ def global_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return masked_mean(x, mask)
     total = dist.all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]).detach())
     return total[0] / total[1].clamp(min=1)
+
+
+def ddp_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``masked_mean`` of a loss over the global batch's tokens, as this rank's share of DDP's average.
+
+    A per-rank ``masked_mean`` would weigh a token on a rank with short responses more than one on
+    a rank with long ones; :func:`~mpo_exp.distributed.ddp_mean` divides by the global count.
+    """
+    return dist.ddp_mean((x * mask).sum(), mask.sum())
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
@@ -149,9 +160,7 @@ class PPOModule(pl.LightningModule):
             raise ValueError(f"beta must be > 0, got {beta}")
         self.automatic_optimization = False
         self.net = PolicyWithValueHead(policy.model)
-        for m in self.net.modules():  # dropout makes old/new log-probs disagree; PPO implementations drop it
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
+        disable_model_dropout(self.net)  # old/new log-probs must agree; a LoRA adapter keeps its dropout
         self.policy, self.reference, self.reward_fn = policy, reference, reward_fn
         self.beta, self.max_new_tokens, self.estimator = beta, max_new_tokens, estimator
         self.lr, self.ppo_epochs, self.minibatches = lr, ppo_epochs, minibatches
@@ -231,12 +240,13 @@ class PPOModule(pl.LightningModule):
                 logp = torch.gather(F.log_softmax(logits, -1), -1, b.response_ids.unsqueeze(-1)).squeeze(-1)
                 ratio = torch.exp(logp - ro["logp"][idx])
                 adv = advantages[idx]
-                pg = masked_mean(
+                # token means over the global minibatch (ranks' halves differ in length): shares
+                pg = ddp_masked_mean(
                     torch.max(-adv * ratio, -adv * ratio.clamp(1 - self.clip_range, 1 + self.clip_range)), m
                 )
                 v_old = ro["values"][idx]
                 v_clip = v_old + (values - v_old).clamp(-self.clip_range_value, self.clip_range_value)
-                vf = 0.5 * masked_mean(
+                vf = 0.5 * ddp_masked_mean(
                     torch.max((values - returns[idx]) ** 2, (v_clip - returns[idx]) ** 2), m
                 )
                 loss = pg + self.vf_coef * vf
@@ -248,7 +258,7 @@ class PPOModule(pl.LightningModule):
                 stats = {
                     "pg_loss": float(pg.detach()),
                     "vf_loss": float(vf.detach()),
-                    "clipfrac": float(masked_mean(((ratio - 1).abs() > self.clip_range).float(), m)),
+                    "clipfrac": float(global_masked_mean(((ratio - 1).abs() > self.clip_range).float(), m)),
                 }
         return stats
 
@@ -260,6 +270,7 @@ class PPOModule(pl.LightningModule):
         advantages = (total - (total.sum(1, keepdim=True) - total) / (k - 1)).view(-1)
         logits, values = self.net(ro["batch"])
         logp = torch.gather(F.log_softmax(logits, -1), -1, ro["batch"].response_ids.unsqueeze(-1)).squeeze(-1)
+        # a mean over rows, not tokens: every rank holds as many rows, so DDP's average is exact
         loss = -(advantages.detach() * (logp * ro["mask"]).sum(-1)).mean()
         if dist.world_size() > 1:  # DDP expects a gradient for every parameter: a zero one for v_head
             loss = loss + 0.0 * values.sum()

@@ -37,6 +37,7 @@ def train_rl_policy(
     def build(tmp: Path) -> None:
         ctx.reseed(40)
         policy = load_policy(ctx.store.path("sft", ctx.keys["sft"]), name=name, dtype=ctx.dtype)
+        policy.model = ctx.model_spec.trainable(policy.model)  # model.lora: LoRA, merged on save
         module = instantiate(cfg.module)(
             policy=policy,
             reference=ctx.reference,
@@ -61,6 +62,7 @@ def train_rl_policy(
             cfg,
             max_steps=int(cfg.iterations) * module.optimizer_steps_per_iteration,
         )
+        policy.model = ctx.model_spec.mergeable(policy.model)
         save_policy(policy, tmp)
         (tmp / "history.json").write_text(json.dumps(module.history))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from mpo_exp.nodes import to_plain
+from mpo_exp.nodes import LORA_FIELDS, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,13 @@ BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch
 
 
 def lora_config(spec: dict):
-    """A peft ``LoraConfig`` for a causal LM from ``dpo.lora`` (r, alpha, dropout, target_modules)."""
+    """A peft ``LoraConfig`` for a causal LM from a LoRA spec (:data:`LORA_FIELDS`)."""
     try:
         from peft import LoraConfig
     except ImportError as e:  # pragma: no cover - peft ships with the default install
-        raise ImportError("dpo.lora needs the `peft` package: pip install peft") from e
+        raise ImportError("LoRA (model.lora, dpo.lora) needs the `peft` package: pip install peft") from e
     spec = dict(to_plain(spec))
+    assert set(spec) <= set(LORA_FIELDS), f"LoRA fields are {LORA_FIELDS}, got {sorted(spec)}"
     return LoraConfig(
         task_type="CAUSAL_LM",
         r=int(spec.get("r", 8)),
@@ -158,3 +159,18 @@ def shared_bank(models: Sequence[torch.nn.Module]) -> AdapterBank | None:
 def full_model(model: torch.nn.Module) -> PreTrainedModel:
     """The model itself, or for an adapter view a full copy with its adapter merged."""
     return model.merged() if isinstance(model, AdapterModel) else model
+
+
+def disable_model_dropout(model: torch.nn.Module) -> None:
+    """Set the model's own dropout to 0 and keep the LoRA adapters' (``lora_dropout``).
+
+    DPO and PPO turn dropout off (as TRL does): it would make the policy's log-probs noisy against
+    the fixed reference's (DPO) or the rollout's (PPO). An adapter's dropout is a setting of its
+    own (``model.lora.dropout``, ``dpo.lora.dropout``) and regularises only the adapter's input.
+    """
+    adapter_dropouts = {
+        id(d) for name, m in model.named_modules() if name.endswith("lora_dropout") for d in m.modules()
+    }
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and id(module) not in adapter_dropouts:
+            module.p = 0.0

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mpo_exp.nodes import ConfigError, build_node, build_task, gguf_package_problem, to_plain
+from mpo_exp.nodes import LORA_FIELDS, ConfigError, build_node, build_task, gguf_package_problem, to_plain
 
 if TYPE_CHECKING:
     from mpo_exp.methods import Method
@@ -284,30 +284,33 @@ def _check_paths(cfg: DictConfig) -> None:
                     check_model_path(f"task.objectives.{name}.model", spec.model)
 
 
-def _check_lora(cfg: DictConfig) -> None:
-    """``dpo.lora`` (r = 0: off): known keys, alpha > 0, dropout < 1, target_modules names."""
-    lora = OmegaConf.select(cfg, "dpo.lora")
+def _check_lora(cfg: DictConfig, field: str) -> None:
+    """``model.lora`` / ``dpo.lora``, one schema (r = 0 or null: off): known keys, r, alpha, dropout."""
+    lora = OmegaConf.select(cfg, field)
     if lora is None:
         return
+    fields = ", ".join(LORA_FIELDS)
     if not isinstance(lora, DictConfig):
-        raise ConfigError(f"dpo.lora must be a mapping (r, alpha, dropout, target_modules), got {lora!r}")
-    unknown = sorted(set(lora) - {"r", "alpha", "dropout", "target_modules"})
+        raise ConfigError(f"{field} must be a mapping ({fields}), got {lora!r}")
+    unknown = sorted(set(lora) - set(LORA_FIELDS))
     if unknown:
-        raise ConfigError(f"dpo.lora.{unknown[0]}: unknown field (fields: r, alpha, dropout, target_modules)")
-    alpha, dropout = lora.get("alpha", 16), lora.get("dropout", 0.0)
+        raise ConfigError(f"{field}.{unknown[0]}: unknown field (fields: {fields})")
+    r, alpha, dropout = lora.get("r", 8), lora.get("alpha", 16), lora.get("dropout", 0.0)
+    if not (_is_int(r) and r >= 0):
+        raise ConfigError(f"{field}.r must be a non-negative integer, got {field}.r={r!r}")
     if not (_is_number(alpha) and alpha > 0):
-        raise ConfigError(f"dpo.lora.alpha must be a number > 0, got dpo.lora.alpha={alpha!r}")
-    if _is_number(dropout) and dropout >= 1:
-        raise ConfigError(f"dpo.lora.dropout must be in [0, 1), got dpo.lora.dropout={dropout!r}")
-    if _is_int(lora.get("r")) and lora.get("r") > 0 and importlib.util.find_spec("peft") is None:
-        raise ConfigError("dpo.lora.r > 0 needs the `peft` package (LoRA adapters): pip install peft")
+        raise ConfigError(f"{field}.alpha must be a number > 0, got {field}.alpha={alpha!r}")
+    if not (_is_number(dropout) and 0 <= dropout < 1):
+        raise ConfigError(f"{field}.dropout must be in [0, 1), got {field}.dropout={dropout!r}")
+    if r > 0 and importlib.util.find_spec("peft") is None:
+        raise ConfigError(f"{field}.r > 0 needs the `peft` package (LoRA adapters): pip install peft")
     targets = lora.get("target_modules")
     if targets is not None and not (
         isinstance(targets, str)
         or (isinstance(targets, ListConfig) and len(targets) and all(isinstance(t, str) for t in targets))
     ):
         raise ConfigError(
-            f"dpo.lora.target_modules must be null, a module name or a list of names, got {targets!r}"
+            f"{field}.target_modules must be null, a module name or a list of names, got {targets!r}"
         )
 
 
@@ -347,7 +350,8 @@ def validate_config(cfg: DictConfig, check_paths: bool = True) -> None:
         value = _get(cfg, field)
         if not (_is_int(value) and value >= 0):
             raise ConfigError(f"{field} must be a non-negative integer, got {field}={value!r}")
-    _check_lora(cfg)
+    _check_lora(cfg, "model.lora")
+    _check_lora(cfg, "dpo.lora")
     threads = OmegaConf.select(cfg, "num_threads")
     if threads is not None and not (_is_int(threads) and threads >= 1):
         raise ConfigError(

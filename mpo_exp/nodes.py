@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from mpo_exp.tasks.base import Task
 
 
+#: the one LoRA schema, of ``model.lora`` and ``dpo.lora`` alike (built by ``adapters.lora_config``)
+LORA_FIELDS = ("r", "alpha", "dropout", "target_modules")
+
+
 class ConfigError(ValueError):
     """A config value is invalid; the message names the field (one line, shown without traceback)."""
 

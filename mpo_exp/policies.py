@@ -78,7 +78,8 @@ class PretrainedSpec:
 
     def __init__(self, name_or_path: str, dtype: str = "float32", lora: dict | None = None) -> None:
         self.name_or_path, self.dtype = name_or_path, dtype
-        self.lora = dict(to_plain(lora)) if lora else None
+        # r = 0 (or null) is off, as for dpo.lora
+        self.lora = dict(to_plain(lora)) if lora and int(lora.get("r", 8)) > 0 else None
 
     def build(self, tokenizer: PreTrainedTokenizerBase | None) -> Policy:
         policy = load_policy(self.name_or_path, name="init", dtype=self.dtype)
@@ -87,14 +88,12 @@ class PretrainedSpec:
         return policy
 
     def trainable(self, model: PreTrainedModel) -> PreTrainedModel:
-        """Wrap in LoRA adapters when ``model.lora`` is set (needs the optional ``peft`` package)."""
+        """Wrap in LoRA adapters when ``model.lora`` is set: the schema of ``dpo.lora``."""
         if not self.lora:
             return model
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError as e:
-            raise ImportError("model.lora needs the `peft` package: pip install peft") from e
-        return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **self.lora))
+        from mpo_exp.adapters import with_adapter
+
+        return with_adapter(model, self.lora)
 
     def mergeable(self, model) -> PreTrainedModel:
         """Fold LoRA adapters back in, so every saved artifact is a plain ``from_pretrained`` model."""

@@ -206,3 +206,41 @@ def test_the_pipeline_runs_with_lora_policies(smoke_cfg, tmp_path):
     base = load_file(sft / "model.safetensors")
     changed = {n for n in base if not torch.equal(base[n], trained[n])}
     assert changed and all(".attn.c_attn." in n for n in changed)  # only LoRA's targets moved
+
+
+def _lora_model(dropout: float):
+    """A tiny GPT-2 (its own dropout 0.1 everywhere) with a LoRA adapter whose B is non-zero."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mpo_exp.adapters import with_adapter
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16))
+    model = with_adapter(model, {"r": 4, "alpha": 8, "dropout": dropout, "target_modules": ["c_attn"]})
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # B = 0 at init would hide the adapter's input dropout
+    return model
+
+
+def _train_forwards_differ(model: torch.nn.Module) -> bool:
+    model.train()
+    ids = torch.arange(12).view(2, 6)
+    return not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_dpo_and_ppo_turn_the_models_dropout_off_and_keep_the_adapters(dropout):
+    """The configured LoRA dropout is live in training; the model's own dropout is off (as in TRL)."""
+    from baselines.ppo import PPOModule
+    from mpo_exp.training.dpo import DPOModule
+
+    dpo = DPOModule(model=_lora_model(dropout), beta=0.1, lr=1e-3)
+    policy = Policy("p", _lora_model(dropout), tokenizer=None)
+    ppo = PPOModule(policy=policy, reference=None, reward_fn=None, beta=0.1, max_new_tokens=4)
+    for module in (dpo.model, ppo.net):
+        rates = {n: m.p for n, m in module.named_modules() if isinstance(m, torch.nn.Dropout)}
+        adapter = {n: p for n, p in rates.items() if "lora_dropout" in n}
+        assert set(adapter.values()) <= {dropout} and len(adapter) == (dropout > 0)  # peft: Identity at 0
+        assert rates and all(p == 0.0 for n, p in rates.items() if n not in adapter)
+        assert _train_forwards_differ(module if module is dpo.model else module.lm) == (dropout > 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,33 @@ def test_hf_task_splits_dialogues_at_the_last_turn():
     row = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: a pun"}
     prompt, response = task.split_text(row)
     assert prompt.endswith("joke?\n\nAssistant:") and response == " a pun"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("+model.lora={r: 4, lora_alpha: 8}", "model.lora.lora_alpha: unknown field (fields: r, alpha"),
+        ("+model.lora={r: 4, lora_dropout: 0.1}", "model.lora.lora_dropout: unknown field"),
+        ("+model.lora={r: 4, dropout: 1.5}", "model.lora.dropout must be in [0, 1)"),
+        ("+model.lora={r: -1}", "model.lora.r must be a non-negative integer"),
+        ("dpo.lora.alpha=0", "dpo.lora.alpha must be a number > 0"),
+        ("dpo.lora.dropout=1.0", "dpo.lora.dropout must be in [0, 1)"),
+    ],
+)
+def test_model_and_dpo_lora_share_one_schema_and_one_check(override, message):
+    cfg = compose_config([override, "paths.output_dir=/tmp/x"])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(cfg, check_paths=False)
+
+
+def test_model_lora_builds_with_the_dpo_lora_schema():
+    from mpo_exp.policies import PretrainedSpec
+
+    pytest.importorskip("peft")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    spec = PretrainedSpec("unused", lora={"r": 4, "alpha": 8, "dropout": 0.25, "target_modules": ["c_attn"]})
+    model = spec.trainable(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40)))
+    cfg = model.peft_config["default"]
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8, 0.25)
+    assert PretrainedSpec("unused", lora={"r": 0}).lora is None  # r = 0 is off, as for dpo.lora

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +279,30 @@ def test_pipeline_on_a_local_hf_model_and_data_set(smoke_cfg, assets, tmp_path):
     reward = res["policies"]["pi_ref"]["reward"]
     assert reward["a"] == pytest.approx(sum(a) / len(a), abs=1e-5)
     assert reward["b"] == pytest.approx(sum(b) / len(b), abs=1e-6)
+
+
+def test_rl_trains_the_model_lora_adapter_and_saves_it_merged(smoke_cfg, assets, tmp_path):
+    """model.lora applies to RL as to SFT and DPO: only the adapter trains, the artifact is a plain model."""
+    from safetensors.torch import load_file
+
+    root, data, _ = assets
+    cfg = smoke_cfg(
+        *local_hf_overrides(root, data),
+        "+model.lora={r: 4, alpha: 8, dropout: 0.1, target_modules: [c_attn]}",
+        "method=morlhf",
+        "rl.iterations=2",
+        "rl.batch_size=8",
+        "rl.module.lr=1e-2",
+    )
+    res = run_pipeline(cfg, tmp_path / "run")
+
+    def built(kind: str) -> Path:
+        (path,) = [d for d in (tmp_path / "cache" / kind).iterdir() if d.is_dir() and ".tmp-" not in d.name]
+        return path / "model.safetensors"
+
+    weights, sft = load_file(built("rl_policy")), load_file(built("sft"))
+    assert not any("lora" in k for k in weights)  # merged back into a from_pretrained checkpoint
+    moved = [k for k in weights if not torch.equal(weights[k], sft[k])]
+    # the adapter targets c_attn only: RL moved those weights and nothing else (full RL moves all)
+    assert moved and all("c_attn" in k for k in moved), moved
+    assert abs(res["policies"][res["method_policies"][0]]["kl"]) > 0

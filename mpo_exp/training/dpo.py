@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mpo_exp.adapters import disable_model_dropout
 from mpo_exp.data import PreferenceBatch
 from mpo_exp.scoring import sequence_logprobs
 from mpo_exp.training.common import PolicyModule
@@ -38,10 +39,7 @@ class DPOModule(PolicyModule):
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
         self.beta, self.objective = beta, objective
-        # as in TRL: dropout would make the policy's log-probs noisy against the fixed reference's
-        for module in self.model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        disable_model_dropout(self.model)  # as TRL; a LoRA adapter keeps its own dropout
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
         chosen = sequence_logprobs(self.model, batch.chosen)
