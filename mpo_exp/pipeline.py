@@ -18,13 +18,13 @@ from mpo_exp.evaluation import Evaluator
 from mpo_exp.methods import Method, PolicyCost, build_method, dpo_policies_cost
 from mpo_exp.mpo.mixing import MixedPolicy
 from mpo_exp.nodes import ConfigError, to_plain
-from mpo_exp.results import write_results
+from mpo_exp.results import result_config, write_results
 from mpo_exp.runtime import configure_threads
 
 log = logging.getLogger(__name__)
 
-#: trainer.strategy values the pipeline supports (fsdp: accepted, see README, Distributed training)
-STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp")
+#: trainer.strategy values the pipeline supports (docs/scaling.md, Distributed training)
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true")
 
 
 def run_pipeline(
@@ -123,6 +123,9 @@ def run_pipeline(
             },
             "artifacts": dict(ctx.keys),
             "run_key": run_key,
+            # what the report groups rows by, and the pi_ref responses its bootstrap pairs runs on
+            "config": result_config(cfg),
+            "pi_ref_fingerprint": ev.fingerprint,
             "examples": examples,
             "wall_s_this_run": time.perf_counter() - start,
             **out.extras,
@@ -149,6 +152,12 @@ def _join_launch(cfg: DictConfig) -> bool:
     supported launch is torchrun, whose processes all run the whole pipeline from the start.
     """
     strategy = cfg.trainer.get("strategy", "auto")
+    target = str(strategy.get("_target_", "")) if isinstance(strategy, DictConfig) else str(strategy)
+    if "fsdp" in target.lower():
+        raise ConfigError(
+            f"trainer.strategy={target}: FSDP is not supported (the stages save a model without "
+            "gathering FSDP's sharded state dict); use trainer.strategy=ddp"
+        )
     if isinstance(strategy, str) and strategy not in STRATEGIES:
         raise ConfigError(
             f"trainer.strategy must be one of {STRATEGIES} (or a strategy object), got {strategy!r}: "

@@ -110,3 +110,14 @@ def test_model_lora_builds_with_the_dpo_lora_schema():
     cfg = model.peft_config["default"]
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (4, 8, 0.25)
     assert PretrainedSpec("unused", lora={"r": 0}).lora is None  # r = 0 is off, as for dpo.lora
+
+
+@pytest.mark.parametrize(
+    "strategy", ["fsdp", "{_target_: pytorch_lightning.strategies.FSDPStrategy}"]
+)
+def test_fsdp_is_refused_in_one_line_before_any_stage(smoke_cfg, tmp_path, strategy):
+    from mpo_exp.pipeline import run_pipeline
+
+    with pytest.raises(ConfigError, match="FSDP is not supported.*use trainer.strategy=ddp"):
+        run_pipeline(smoke_cfg(f"trainer.strategy={strategy}"), tmp_path / "run")
+    assert not (tmp_path / "cache").exists()
