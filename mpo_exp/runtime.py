@@ -65,5 +65,5 @@ def configure_threads(num_threads: int | None) -> int:
         n = max(1, (min(allotted, cores) if allotted else cores) // parallel_jobs())
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
-        log.info("torch threads: %d (num_threads=%s, %d cores)", n, num_threads, cores)
+    log.info("torch threads: %d (num_threads=%s, %d cores)", n, num_threads, cores)
     return n

@@ -77,6 +77,44 @@ def test_local_sweep_runs_each_job_in_its_own_process_and_builds_shared_stages_o
     assert len(list((cache / "dpo").glob("*/meta.json"))) == 3  # one pi_k per objective, not per job
 
 
+def test_joblib_sweep_runs_two_jobs_at_once_on_shared_stages(tmp_path):
+    """``hydra/launcher=joblib`` (pip install -e '.[sweep]', part of ``make install``): two jobs in
+    parallel processes, each given half the cores, the shared stages built once."""
+    sweep, cache = tmp_path / "sweep", tmp_path / "cache"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "MPO_EXP_CACHE": str(cache)}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpo_exp.cli",
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "experiment=smoke",
+            "logger=none",
+            "method=fixed_mix",
+            "eval.n_prompts=16,32",  # two jobs on the same pi_ref, pairs and pi_k
+            "trainer.enable_progress_bar=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr  # Hydra's joblib launcher ran them
+    jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
+    assert [d.name.split("_", 1)[1].split(",")[0] for d in jobs] == ["eval.n_prompts=16", "eval.n_prompts=32"]
+    logs = "".join((d / "cli.log").read_text() for d in jobs)
+    for label in SHARED:
+        assert logs.count(f"building {label} ->") == 1, label
+    cores = len(os.sched_getaffinity(0))
+    if cores > 1:  # num_threads: null splits the cores between the n_jobs workers
+        assert logs.count(f"torch threads: {max(1, cores // 2)} (num_threads=None") == 2
+
+
 def test_slurm_preset_reaches_the_sbatch_script(tmp_path, monkeypatch):
     """The preset and command-line overrides become sbatch flags (SLURM itself is faked)."""
     import submitit
