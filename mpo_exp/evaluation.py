@@ -16,6 +16,8 @@ returns the same evaluation.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,12 @@ def win_rate(rewards: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
 def compact_outcomes(column: torch.Tensor) -> list[int | float]:
     """Outcomes in {0, 0.5, 1} as JSON-compact ints (0, 1) and 0.5 floats."""
     return [0.5 if v == 0.5 else int(v) for v in column.tolist()]
+
+
+def responses_fingerprint(prompts: list[str], responses: list[str]) -> str:
+    """Hash of the (prompt, π_ref response) pairs a run's win rates are measured against: the report
+    pairs two runs' per-prompt outcomes in its bootstrap only when their fingerprints are equal."""
+    return hashlib.sha256(json.dumps([prompts, responses]).encode()).hexdigest()[:16]
 
 
 def z_scores(rewards: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
@@ -88,6 +96,7 @@ class Evaluator:
         self.prompts = encode_prompts(ref.tokenizer, task.prompts("eval", n_prompts, seed))
         self.shard = list(dist.shard(self.prompts))  # this rank's prompts (all of them in one process)
         self.baseline: torch.Tensor | None = None
+        self.fingerprint: str | None = None  # of pi_ref's responses, set with the baseline
 
     def _sample(self, policy: MixedPolicy, meter: CostMeter | None, stream: int) -> SequenceBatch:
         # every policy samples with the same random stream (common random numbers), so
@@ -117,13 +126,15 @@ class Evaluator:
     def reference_rewards(self, meter: CostMeter | None = None) -> torch.Tensor:
         """pi_ref's responses that every policy is compared against (drawn once)."""
         if self.baseline is None:
-            self.baseline = self._rewards(self._sample(self.ref, meter, stream=0))[0]
+            self.baseline, prompts, responses = self._rewards(self._sample(self.ref, meter, stream=0))
+            self.fingerprint = responses_fingerprint(prompts, responses)
         return self.baseline
 
     def evaluate(self, policy: MixedPolicy, meter: CostMeter | None = None) -> PolicyEval:
         batch = self._sample(policy, meter, stream=1)
         rewards, prompts, responses = self._rewards(batch)
-        logp = score_sequences(*policy.live, batch, self.batch_size, meter)
+        # KL(what was sampled || pi_ref): the policy at the temperature it was sampled at, pi_ref as is
+        logp = score_sequences(*policy.live, batch, self.batch_size, meter, temperature=self.temperature)
         logp_ref = score_sequences(*self.ref.live, batch, self.batch_size, meter)
         examples = list(zip(prompts[: self.n_examples], responses[: self.n_examples], strict=True))
         return PolicyEval(rewards, float(dist.gather_cat(logp - logp_ref).mean()), examples)

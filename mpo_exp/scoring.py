@@ -54,13 +54,23 @@ def mixture_log_softmax(logits: Sequence[torch.Tensor], weights: Sequence[float]
 
 
 def token_logprobs(
-    models: Sequence[torch.nn.Module], weights: Sequence[float], batch: SequenceBatch
+    models: Sequence[torch.nn.Module],
+    weights: Sequence[float],
+    batch: SequenceBatch,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Per-token log-probs of the response under the (mixed) policy, zero on padding: (B, R)."""
+    """Per-token log-probs of the response under the (mixed) policy, zero on padding: (B, R).
+
+    ``temperature``: of the distribution ``generation.sample`` draws from at that temperature
+    (the mixture's log-probs divided by it, renormalised).
+    """
     live_models = [m for m, w in zip(models, weights, strict=True) if w != 0]
     logits = policies_response_logits(live_models, batch)
     live = [w for w in weights if w != 0]
-    return _picked(mixture_log_softmax(logits, live), batch)
+    logp = mixture_log_softmax(logits, live)
+    if temperature != 1.0:
+        logp = F.log_softmax(logp / temperature, dim=-1)
+    return _picked(logp, batch)
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
@@ -76,6 +86,7 @@ def score_sequences(
     batch_size: int = 256,
     meter: CostMeter | None = None,
     desc: str | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Sequence log-probs of every row of ``batch`` under the (mixed) policy, in mini-batches."""
     device = next(models[0].parameters()).device
@@ -83,7 +94,7 @@ def score_sequences(
     starts = range(0, len(batch), batch_size)
     for s in tqdm(starts, desc=desc, disable=True if desc is None else None, leave=False):
         chunk = batch[s : s + batch_size].to(device)
-        out.append(token_logprobs(models, weights, chunk).sum(-1).cpu())
+        out.append(token_logprobs(models, weights, chunk, temperature).sum(-1).cpu())
         if meter is not None:
             for m, w in zip(models, weights, strict=True):
                 if w != 0:

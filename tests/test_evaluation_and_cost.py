@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -86,3 +87,60 @@ def test_the_run_table_bolds_the_best_minimum_only():
 
     table = format_table({"objectives": ["a"], "policies": {"x": pol(0.4), "y": pol(0.6), "z": pol(0.5)}})
     assert table.count("**") == 2 and "**0.600**" in table
+
+
+def test_scoring_at_the_temperature_sampled_describes_the_samples(tiny_policies):
+    """At T = 0.5 the sampler's first-token frequencies match exp(token_logprobs(..., temperature=T))."""
+    from mpo_exp.generation import sample
+    from mpo_exp.mpo.mixing import MixedPolicy
+    from mpo_exp.scoring import token_logprobs
+
+    p1, p2 = (copy.deepcopy(p) for p in tiny_policies[:2])
+    for p in (p1, p2):  # logits x4 (the final layer norm's output): peaked enough for T to matter
+        with torch.no_grad():
+            p.model.transformer.ln_f.weight.mul_(4)
+            p.model.transformer.ln_f.bias.mul_(4)
+    pol = MixedPolicy("mix", [p1, p2], [0.3, 0.7])
+    prompt = p1.tokenizer("the cat", add_special_tokens=False)["input_ids"]
+    torch.manual_seed(0)
+    n = 3000
+    batch = sample(pol, [prompt] * n, max_new_tokens=1, temperature=0.5)
+    vocab = p1.model.config.vocab_size
+    ids = torch.arange(vocab)
+    one_token = batch[:1]
+    with torch.no_grad():  # the probability of every first token, read through scoring
+        rows = type(one_token)(
+            one_token.prompt_ids.repeat(vocab, 1),
+            one_token.prompt_mask.repeat(vocab, 1),
+            ids.view(-1, 1),
+            torch.ones(vocab, 1, dtype=one_token.response_mask.dtype),
+        )
+        models, weights = [p1.model, p2.model], [0.3, 0.7]
+        expected = token_logprobs(models, weights, rows, temperature=0.5)[:, 0].exp().double()
+        at_one = token_logprobs(models, weights, rows)[:, 0].exp().double()
+    assert expected.sum() == pytest.approx(1, abs=1e-5)
+    freq = torch.bincount(batch.response_ids[:, 0], minlength=vocab).double() / n
+    se = (expected * (1 - expected) / n).sqrt()
+    assert ((freq - expected).abs() <= 4.5 * se + 1e-3).all()
+    assert ((freq - at_one).abs() > 4.5 * (at_one * (1 - at_one) / n).sqrt() + 1e-3).any()  # T matters
+
+
+def test_the_kl_column_is_of_the_distribution_sampled(toy_task, tiny_policies):
+    """eval.temperature != 1: pi_ref's own KL is KL(pi_ref at T || pi_ref) > 0, by hand; at T = 1 it is 0."""
+    from mpo_exp.evaluation import Evaluator
+    from mpo_exp.mpo.mixing import MixedPolicy
+    from mpo_exp.scoring import score_sequences
+
+    toy_task.bind_tokenizer(tiny_policies[0].tokenizer)
+    ref = MixedPolicy.single(tiny_policies[0])
+    kls = {}
+    for t in (1.0, 0.5):
+        ev = Evaluator(toy_task, ref, n_prompts=64, seed=0, temperature=t)
+        ev.reference_rewards()
+        kls[t] = ev.evaluate(ref).kl
+        batch = ev._sample(ref, None, stream=1)  # the very samples evaluate() drew
+        by_hand = score_sequences([ref.policies[0].model], [1.0], batch, temperature=t) - score_sequences(
+            [ref.policies[0].model], [1.0], batch
+        )
+        assert kls[t] == pytest.approx(float(by_hand.mean()), abs=1e-5)
+    assert kls[1.0] == pytest.approx(0, abs=1e-6) and kls[0.5] > 0.01  # was 0 at every T
