@@ -5,7 +5,31 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+#: config entries that cannot change a number: where files go, logging, threads, resuming
+NOT_RESULT_KEYS = ("paths", "logger", "hydra", "num_threads", "resume")
+#: trainer fields that only change what is displayed or kept on disk
+TRAINER_DISPLAY = ("enable_progress_bar", "log_every_n_steps", "enable_model_summary", "enable_checkpointing")
+
+
+def result_config(cfg: DictConfig | Mapping[str, Any]) -> dict:
+    """The resolved config less what cannot change a result (``results["config"]``): the report groups
+    rows by it (seed aside), so two jobs that differ in any other field are never averaged together."""
+    out = {}
+    for key in cfg:
+        if key in NOT_RESULT_KEYS:
+            continue
+        node = cfg[key]
+        value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        if key == "trainer" and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in TRAINER_DISPLAY}
+        out[str(key)] = value
+    return json.loads(json.dumps(out, default=str))  # plain JSON: what results.json will hold
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -67,9 +67,11 @@ def write_run(
     cost: dict | None = None,
     objectives: list[str] = OBJ,
     n_prompts: int | None = None,
+    shared_wins: dict[str, tuple[float, ...]] | None = None,
     **extras,
 ) -> None:
-    """One job's results.json; with n_prompts the shared rows carry per-prompt outcomes too."""
+    """One job's results.json; with n_prompts the shared rows carry per-prompt outcomes too;
+    ``shared_wins`` replaces some shared rows' win rates."""
     job = root / name
     (job / ".hydra").mkdir(parents=True)
     other = objectives[1]
@@ -78,6 +80,7 @@ def write_run(
         f"pi_{objectives[0]}": (0.8 - seed * 0.02, 0.2),
         f"pi_{other}": (0.3, 0.9),
         "uniform_mix": (0.55, 0.6),
+        **(shared_wins or {}),
     }
     shared = {
         k: pp_policy(w, n_prompts, seed, objectives) if n_prompts else policy(w, objectives=objectives)
@@ -542,3 +545,264 @@ def test_mod_with_mpo_lambda_is_reported_as_mpo_and_grid_uniform_as_the_uniform_
         and pretty("morlhf_mpo_lambda") == "MORLHF (MPO's λ)"
     )
     assert row_name("fixed_mix_0.75_0.25") == "fixed_mix_0.75_0.25"  # a front point, not a Table 1 row
+
+
+# ---- settings, job order, pairing and recorded weights ------------------------------------------
+def job_config(*overrides: str, seed: int = 0) -> dict:
+    """The config a job records in results.json (the real default config with these overrides)."""
+    from mpo_exp.results import result_config
+    from tests.conftest import compose_config
+
+    return result_config(compose_config([f"task.objectives=[{','.join(OBJ)}]", f"seed={seed}", *overrides]))
+
+
+def test_result_config_is_the_resolved_config_less_what_cannot_change_a_number():
+    cfg = job_config("method=morlhf", "rl=rloo", "trainer.enable_progress_bar=false", seed=3)
+    assert (
+        cfg["rl"]["module"]["estimator"] == "rloo" and cfg["seed"] == 3 and cfg["task"]["objectives"] == OBJ
+    )
+    assert cfg["dpo"]["module"]["beta"] == cfg["beta"]  # resolved
+    assert not {"paths", "logger", "hydra", "num_threads", "resume"} & set(cfg)
+    assert not {"enable_progress_bar", "log_every_n_steps"} & set(cfg["trainer"])
+    assert json.loads(json.dumps(cfg)) == cfg
+
+
+def test_jobs_that_differ_in_a_setting_are_two_rows_never_a_duplicate(tmp_path):
+    root = tmp_path / "settings"
+    for seed in (0, 1):
+        for est, win in (("ppo", 0.5), ("rloo", 0.7)):
+            write_run(
+                root,
+                f"{seed}_morlhf_{est}",
+                "morlhf",
+                seed,
+                {"morlhf": policy((win + seed / 100, 0.6))},
+                reward_normalization="partition",
+                config=job_config("method=morlhf", f"rl={est}", seed=seed),
+                **{"lambda": [0.5, 0.5]},
+            )
+        # MPO never reads rl: MPO jobs of either rl setting are one MPO row
+        rl = "rloo" if seed else "ppo"
+        config = job_config(f"rl={rl}", seed=seed)
+        write_run(root, f"{seed}_mpo", "mpo", seed, {"mpo": policy((0.6, 0.6))}, config=config)
+    # uniform weights spelled out are the same setting as weights=null
+    write_run(
+        root,
+        "2_morlhf_ppo",
+        "morlhf",
+        2,
+        {"morlhf_0.50_0.50": policy((0.52, 0.6))},
+        reward_normalization="partition",
+        config=job_config("method=morlhf", "method.weights=[0.5,0.5]", seed=2),
+        **{"lambda": [0.5, 0.5]},
+    )
+    rep = build_report(root, plots=False)
+    table = rep["table1"]
+    assert not rep["duplicates"]
+    assert "| 0.1 | MORLHF (uniform w) [rl.module.estimator=ppo] | 51.0 ± 1.0 |" in table
+    assert "| 0.1 | MORLHF (uniform w) [rl.module.estimator=rloo] | 70.5 ± 0.7 |" in table
+    assert sorted(r["seeds"] for r in rep["rows"] if r["policy"] == "morlhf") == [2, 3]  # seeds pool
+    assert "| 0.1 | MPO | 60.0 ± 0.0 |" in table and row(rep, "mpo")["seeds"] == 2
+    assert "| 0.1 | π_helpful | 78.0 ± 2.0 |" in table  # the shared rows do not depend on rl either
+    assert "never averaged" in table and "MORLHF (uniform w) at β=0.1" in table
+    assert "[rl.module.estimator=rloo]" in (root / "table1.csv").read_text()
+    # an older results.json (no config) still loads; its rows are never merged with recorded ones
+    write_run(root, "9_legacy", "mpo", 3, {"mpo": policy((0.4, 0.4))})
+    rep = build_report(root, plots=False)
+    seeds = {r["label"]: r["seeds"] for r in rep["rows"] if r["policy"] == "mpo"}
+    assert seeds == {"MPO [config recorded]": 2, "MPO [config not recorded]": 1}
+
+
+def test_shared_rows_split_by_their_own_settings(tmp_path):
+    root = tmp_path / "lora"
+    for r, win in ((0, 0.7), (8, 0.9)):
+        write_run(
+            root,
+            f"{r}_mpo",
+            "mpo",
+            0,
+            {"mpo": policy((0.6, 0.6))},
+            shared_wins={"pi_helpful": (win, 0.2)},
+            config=job_config(f"dpo.lora.r={r}"),
+        )
+    table = build_report(root, plots=False)["table1"]
+    assert "| 0.1 | π_helpful [dpo.lora.r=0] | 70.0 ± 0.0 |" in table
+    assert "| 0.1 | π_helpful [dpo.lora.r=8] | 90.0 ± 0.0 |" in table
+    assert "| 0.1 | MPO [dpo.lora.r=8] |" in table
+    assert "differ between jobs" not in table
+
+
+def test_shared_rows_come_from_the_lowest_job_number_and_other_copies_are_checked(tmp_path, caplog):
+    root = tmp_path / "order"
+    write_run(root, "2_mpo", "mpo", 0, {"mpo": policy((0.6, 0.6))}, shared_wins={"pi_helpful": (0.7, 0.2)})
+    write_run(
+        root, "10_morlhf", "morlhf", 0, {"morlhf": policy((0.5, 0.5))}, shared_wins={"pi_helpful": (0.9, 0.2)}
+    )
+    write_run(
+        root,
+        "11_mod",
+        "fixed_mix",
+        0,
+        {"fixed_mix": policy((0.5, 0.5))},
+        shared_wins={"pi_helpful": (0.7, 0.2)},
+    )
+    assert [r["_rel"] for r in load_sweep(root).runs] == ["2_mpo", "10_morlhf", "11_mod"]
+    with caplog.at_level("WARNING", logger="mpo_exp.report"):
+        table = build_report(root, plots=False)["table1"]
+    assert "| 0.1 | π_helpful | 70.0 ± 0.0 |" in table  # job 2, not "10_" (first as a string)
+    assert "π_helpful at β=0.1, seed 0: `2_mpo` ≠ `10_morlhf`" in table and "11_mod" not in table
+    assert "2_mpo and 10_morlhf disagree" in caplog.text
+
+
+def paired_sweep(root: Path, fingerprints: tuple[str | None, str | None]) -> dict:
+    """MPO wins 16 more of 400 prompts than MORLHF on the same outcomes (see the test above); the two
+    jobs record the given π_ref fingerprints."""
+    n = 400
+    for seed in (0, 1):
+        base = outcomes(0.6, n, seed)
+        better = list(base)
+        for i in [i for i, v in enumerate(base) if v == 0][:16]:
+            better[i] = 1
+        for job, method, wins, fp in (
+            ("a", "mpo", better, fingerprints[0]),
+            ("b", "morlhf", base, fingerprints[1]),
+        ):
+            extras = {} if fp is None else {"pi_ref_fingerprint": f"{fp}{seed}"}
+            write_run(
+                root,
+                f"{seed}_{job}",
+                method,
+                seed,
+                {method: from_outcomes({"helpful": wins, "harmless": [1] * n})},
+                **extras,
+            )
+    return build_report(root, plots=False)
+
+
+def test_runs_are_paired_only_on_the_same_pi_ref_responses(tmp_path):
+    assert row(paired_sweep(tmp_path / "same", ("x", "x")), "mpo")["bold"]
+    # other π_ref responses: the same outcome lists are not the same prompts' outcomes, no pairing
+    other = paired_sweep(tmp_path / "other", ("x", "y"))
+    assert not row(other, "mpo")["bold"] and "within noise, no bold" in other["table1"]
+    legacy = paired_sweep(tmp_path / "legacy", (None, None))  # older files: (seed, prompts) as before
+    assert row(legacy, "mpo")["bold"] and "No π_ref fingerprint in `0_a`" in legacy["table1"]
+    boot = PromptBootstrap(50)
+    assert (boot.counts(0, 30) == boot.counts(0, 30, None)).all()
+    assert (boot.counts(0, 30, "x") == PromptBootstrap(50).counts(0, 30, "x")).all()
+    assert not (boot.counts(0, 30, "x") == boot.counts(0, 30, "y")).all()
+
+
+def test_the_pi_ref_fingerprint_is_taken_at_evaluation(toy_task, tiny_policies):
+    from mpo_exp.evaluation import Evaluator
+    from mpo_exp.mpo.mixing import MixedPolicy
+
+    def fingerprint(seed: int, ref: int = 0) -> str:
+        ev = Evaluator(toy_task, MixedPolicy.single(tiny_policies[ref]), 8, seed, batch_size=8)
+        assert ev.fingerprint is None
+        ev.reference_rewards()
+        return ev.fingerprint
+
+    first = fingerprint(0)
+    assert isinstance(first, str) and first == fingerprint(0)  # the same prompts and π_ref samples
+    assert first != fingerprint(1) and first != fingerprint(0, ref=1)
+
+
+def test_weights_are_read_from_the_results_not_from_the_rounded_name(tmp_path):
+    root = tmp_path / "weights"
+    # named morlhf_0.50_0.50 (2 decimals) but made with (0.504, 0.496): a front point, not the uniform row
+    write_run(
+        root, "0_near", "morlhf", 0, {"morlhf_0.50_0.50": policy((0.5, 0.5))}, **{"lambda": [0.504, 0.496]}
+    )
+    write_run(
+        root,
+        "1_third",
+        "fixed_mix",
+        0,
+        {"fixed_mix_0.33_0.67": policy((0.4, 0.7))},
+        **{"lambda": [1 / 3, 2 / 3]},
+    )
+    write_run(
+        root, "2_half", "fixed_mix", 0, {"fixed_mix_0.50_0.50": policy((0.5, 0.6))}, **{"lambda": [0.5, 0.5]}
+    )
+    rep = build_report(root, plots=False)
+    assert {r["policy"] for r in rep["rows"]} & {"morlhf", "fixed_mix"} == {"fixed_mix"}
+    fronts = {f.method: f for f in rep["fronts"]}
+    assert [p.weights for p in fronts["morlhf"].points] == [(0.504, 0.496)]
+    assert [p.weights for p in fronts["fixed_mix"].points] == [(0.5, 0.5), (1 / 3, 2 / 3)]
+
+
+def test_morlhf_with_mpo_lambda_keeps_its_closed_form_line(tmp_path):
+    root = tmp_path / "closed_lambda"
+    n = 200
+    lams = {0: [0.3, 0.7], 1: [0.4, 0.6], 2: [0.2, 0.8]}
+    for seed, lam in lams.items():
+        mpo = pp_policy((0.6, 0.65), n, seed)
+        if seed == 1:  # MOD with MPO's λ is MPO's policy (its row)
+            write_run(
+                root,
+                f"{seed}_mod",
+                "fixed_mix",
+                seed,
+                {"fixed_mix_mpo_lambda": mpo},
+                n_prompts=n,
+                mpo_policy="mpo",
+                **{"lambda": lam},
+            )
+        else:
+            write_run(root, f"{seed}_mpo", "mpo", seed, {"mpo": mpo}, n_prompts=n, **{"lambda": lam})
+        # seed 2's MORLHF had another λ: not the closed form of that seed's MPO
+        rl_lam = [0.5, 0.5] if seed == 2 else lam
+        write_run(
+            root,
+            f"{seed}_morlhf",
+            "morlhf",
+            seed,
+            {"morlhf_mpo_lambda": pp_policy((0.55, 0.65), n, seed + 5)},
+            n_prompts=n,
+            reward_normalization="partition",
+            mpo_policy="mpo",
+            **{"lambda": rl_lam},
+        )
+    closed = build_report(root, plots=False)["closed_form"]
+    line = next(x for x in closed.splitlines() if "MORLHF (MPO's λ)" in x)
+    assert "(partition) | MPO | -5.0 ± 0.0 [" in line and line.endswith("| 2 |")
+
+
+def test_mod_with_mpo_lambda_is_charged_what_mpo_is_when_lambda_has_a_zero(tiny_policies, monkeypatch):
+    from types import SimpleNamespace
+
+    from mpo_exp.methods import dpo_policies_cost
+    from mpo_exp.mpo import fixed_mix
+    from mpo_exp.mpo.method import MPOMethod
+    from mpo_exp.mpo.user_weights import ResolvedWeights
+
+    mpo = MPOMethod()
+    ctx = SimpleNamespace(single_objective_policies=dict(zip(OBJ, tiny_policies[:2], strict=True)))
+    lam = ResolvedWeights([1.0, 0.0], "mpo_lambda", own=(mpo.stage_prefix,))
+    monkeypatch.setattr(fixed_mix, "resolve_user_weights", lambda *args: lam)
+    out = fixed_mix.FixedMixMethod("mpo", mpo).run(ctx)
+    # MPO's own cost (mpo/method.py): every π_k its λ was solved on, the zero-weight one too
+    assert out.costs["fixed_mix_mpo_lambda"] == dpo_policies_cost(OBJ, mpo.stage_prefix)
+    fixed = ResolvedWeights([1.0, 0.0], "1.00_0.00")
+    monkeypatch.setattr(fixed_mix, "resolve_user_weights", lambda *args: fixed)
+    out = fixed_mix.FixedMixMethod([1.0, 0.0]).run(ctx)
+    assert out.costs["fixed_mix_1.00_0.00"] == dpo_policies_cost(["helpful"])  # user weights: never built
+
+
+def test_lambda_table_never_averages_two_settings(tmp_path):
+    root = tmp_path / "lambda_settings"
+    for steps, lam in ((500, [0.2, 0.8]), (2000, [0.4, 0.6])):
+        write_run(
+            root,
+            f"{steps}_mpo",
+            "mpo",
+            0,
+            {"mpo": policy((0.6, 0.6))},
+            bsmd={"objectives": OBJ},
+            config=job_config(f"method.steps={steps}"),
+            **{"lambda": lam},
+        )
+    rep = build_report(root, plots=False)
+    assert "| 0.1 | MPO [method.steps=500] | 0.200 ± 0.000 | 0.800 ± 0.000 |" in rep["lambda"]
+    assert "| 0.1 | MPO [method.steps=2000] | 0.400 ± 0.000 | 0.600 ± 0.000 |" in rep["lambda"]
+    assert "| 0.1 | MPO [method.steps=500] |" in rep["table1"] and not rep["duplicates"]

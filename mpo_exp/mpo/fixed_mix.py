@@ -34,9 +34,14 @@ class FixedMixMethod(Method):
         w = uw.vector
         # weights=mpo: MPO's lambda (this policy is MPO's); otherwise named by its weights
         name = "fixed_mix_" + (uw.suffix if uw.own else "_".join(f"{v:.2f}" for v in w))
+        if uw.own:  # MPO's policy, so MPO's cost: every pi_k its lambda was solved on, a zero weight too
+            assert self.mpo is not None
+            used = [o for o in singles if o not in self.mpo.exclude]
+        else:  # a pi_k with zero weight is not in the mixture and never built for it
+            used = [o for o, x in zip(singles, w, strict=True) if x > 0]
         return MethodOutput(
             [MixedPolicy(name, list(singles.values()), w)],
-            costs={name: dpo_policies_cost([o for o, x in zip(singles, w, strict=True) if x > 0], *uw.own)},
+            costs={name: dpo_policies_cost(used, *uw.own)},
             weights=dict(zip(singles, w, strict=True)),
             extras=uw.extras,
         )

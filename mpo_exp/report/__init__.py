@@ -8,8 +8,10 @@ table (total and post-processing, ratio to MPO); for fixed user weights (policie
 per-objective rewards, hypervolume and the cost of the whole front, a stage shared by several jobs
 counted once (fixed_weights.md/.csv); and PNG plots (per-objective bars, lambda trajectories, min
 win rate vs cost, the Pareto fronts in mean reward per β). A missing or corrupt
-results.json is named and skipped. Runs with different objective sets are reported separately;
-duplicate rows, NaN or missing values and older results without per-prompt outcomes are flagged.
+results.json is named and skipped. Runs with different objective sets are reported separately, and
+jobs with different settings (results.json ``config``, seed aside) get separate rows labelled by the
+fields that differ; duplicate rows, shared rows that differ between jobs, NaN or missing values and
+older results without per-prompt outcomes are flagged. Jobs are read in Hydra job-number order.
 
 The "min" of a row is the mean over seeds of each seed's minimum over objectives of the win rate.
 The best min of a beta is bold only when a paired bootstrap over prompts says it beats the

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 from mpo_exp.report.ablation import ablation_markdown
@@ -16,29 +17,62 @@ from mpo_exp.report.fronts import collect_fronts
 from mpo_exp.report.fronts_table import fronts_csv, fronts_markdown
 from mpo_exp.report.lambdas import lambda_markdown, lambda_rows
 from mpo_exp.report.load import (
-    Duplicate,
+    Records,
     ReportError,
     collect,
+    disagreements_note,
     load_sweep,
     normalization_line,
     objective_groups,
-    pretty,
+    pi_ref_fingerprint,
+    settings_note,
 )
 from mpo_exp.report.options import landscapes, options_markdown
 from mpo_exp.report.plots import front_plots, make_plots
 from mpo_exp.report.stats import DEFAULT_B, PromptBootstrap
 from mpo_exp.report.table1 import paper_table_markdown, table1
 
+log = logging.getLogger("mpo_exp.report")
 
-def duplicates_note(dups: list[Duplicate]) -> str:
-    items = [
-        f"{pretty(d.policy)}{f' [{d.norm}]' if d.norm else ''} at β={d.beta:g}, seed {d.seed}: "
-        f"kept `{d.kept}`, dropped `{d.dropped}`"
-        for d in dups
-    ]
+
+def duplicates_note(records: Records) -> str:
+    dups = records.duplicates
+    items = []
+    for d in dups:
+        label = records.label(d.key)
+        if d.norm and f"[{d.norm}]" not in label:
+            label += f" [{d.norm}]"
+        items.append(f"{label} at β={d.beta:g}, seed {d.seed}: kept `{d.kept}`, dropped `{d.dropped}`")
     return (
-        f"Duplicates: {len(dups)} (β, seed, policy) row(s) came from more than one job; the first job "
-        "in directory order is kept and the other is not averaged in: " + "; ".join(items) + "."
+        f"Duplicates: {len(dups)} (β, seed, policy, setting) row(s) came from more than one job run with "
+        "the same config; the lowest job number is kept and the other is not averaged in: "
+        + "; ".join(items)
+        + "."
+    )
+
+
+def unpaired_note(runs: list[dict]) -> str | None:
+    """Runs written before the π_ref fingerprint that share a (β, seed) with another run: their rows
+    pair with that run's by (seed, number of prompts) alone."""
+    per_cell = Counter((float(r["beta"]), int(r["seed"])) for r in runs)  # rows pair within (β, seed)
+    legacy = [
+        r["_rel"]
+        for r in runs
+        if pi_ref_fingerprint(r) is None
+        and per_cell[float(r["beta"]), int(r["seed"])] > 1
+        and any(isinstance(m, dict) and "win_per_prompt" in m for m in r["policies"].values())
+    ]
+    if not legacy:
+        return None
+    log.warning(
+        "no pi_ref_fingerprint in %d results.json (%s ...): their rows are paired by (seed, prompts) alone",
+        len(legacy),
+        legacy[0],
+    )
+    return (
+        "No π_ref fingerprint in " + ", ".join(f"`{d}`" for d in legacy) + " (results written before it was "
+        "recorded): paired intervals treat their rows as measured against the same π_ref responses "
+        "whenever seed and number of prompts match, unchecked."
     )
 
 
@@ -77,8 +111,11 @@ def build_report(
         norm = normalization_line(runs, records)
         if norm:
             t1.notes.append(norm)
+        for note in (settings_note(records), disagreements_note(records), unpaired_note(runs)):
+            if note:
+                t1.notes.append(note)
         if records.duplicates:
-            t1.notes.append(duplicates_note(records.duplicates))
+            t1.notes.append(duplicates_note(records))
         md = t1.markdown()
         (out / f"table1{suffix}.tex").write_text(t1.latex())
         (out / f"table1{suffix}.csv").write_text(t1.csv())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from mpo_exp.report.load import Records, ReportError, metric, parse_weights
+from mpo_exp.report.load import Records, ReportError, metric, parse_weights, shared_part
 
 COST_KEYS = ("wall_s", "flops", "tokens_fwd", "tokens_bwd")
 
@@ -50,7 +50,7 @@ def policy_cost(res: dict, name: str) -> tuple[dict, dict] | None:
 def cost_rows(records: Records) -> tuple[list[dict], list[str]]:
     rows, legacy, missing = [], set(), set()
     for key in records.sorted_keys():
-        beta, name, norm = key
+        beta, name, norm, setting = key
         if parse_weights(name) is not None:  # fixed user weights: their table has the whole front's cost
             continue
         items = []
@@ -69,12 +69,15 @@ def cost_rows(records: Records) -> tuple[list[dict], list[str]]:
         if not items:
             continue
         row = {"beta": beta, "policy": name, "norm": norm, "label": records.label(key), "seeds": len(items)}
+        row["shared"] = shared_part(setting)
         for k in items[0]:
             vals = [i[k] for i in items]
             row[k] = math.nan if any(v is None for v in vals) else math.fsum(vals) / len(vals)
         rows.append(row)
     for r in rows:
-        ref = next((m for m in rows if m["beta"] == r["beta"] and m["policy"] == "mpo"), None)
+        # MPO on the same π_ref and π_k (the same shared setting)
+        same = [m for m in rows if m["beta"] == r["beta"] and m["shared"] == r["shared"]]
+        ref = next((m for m in same if m["policy"] == "mpo"), None)
         for key in ("total_wall_s", "total_flops"):
             r[f"{key}_vs_mpo"] = r[key] / ref[key] if ref and ref[key] else math.nan
     notes = []

@@ -1,7 +1,10 @@
 """Fixed user weights (the MORLHF setting, the paper's Lemma 3.9): each method's Pareto front.
 
 A policy is a point of a front when its name is ``<method>_<w_1>_..._<w_K>`` (how fixed_mix = MOD,
-morlhf, modpo and ric name the policy for fixed weights w). A front is one method's points at one β;
+morlhf, modpo and ric name the policy for fixed weights w); its weights are the job's recorded ones
+(``results["lambda"]``, full precision; the name's 2 decimals only for files without them). A front
+is one method's points at one β and one setting (the job's config but its weights and seed: an
+MORLHF grid trained with RLOO and one with PPO are two fronts, labelled by the fields that differ);
 a point's value per objective is its mean reward (mean ± std over seeds) and its win rate vs π_ref
 (with the prompt bootstrap of Table 1).
 
@@ -26,7 +29,19 @@ from dataclasses import dataclass, field
 
 from mpo_exp.report.cells import Cell
 from mpo_exp.report.cost import COST_KEYS
-from mpo_exp.report.load import WEIGHTED, ReportError, is_ok, mean_std, metric, parse_weights
+from mpo_exp.report.load import (
+    WEIGHTED,
+    ReportError,
+    Setting,
+    is_ok,
+    mean_std,
+    metric,
+    parse_weights,
+    pi_ref_fingerprint,
+    recorded_weights,
+    row_setting,
+    setting_text,
+)
 from mpo_exp.report.stats import PromptBootstrap, interval, outcome_matrix
 
 Seeded = dict[int, tuple[dict, dict]]  # seed -> (policy metrics, the run's results)
@@ -68,10 +83,13 @@ class Front:
     cost_note: str | None = None
     hypervolume: float | None = None
     missing: list[tuple[float, ...]] = field(default_factory=list)  # weights other fronts of β have
+    setting: Setting = None
+    detail: str = ""  # the fields in which its setting differs from another front of its method and β
 
     @property
     def label(self) -> str:
-        return WEIGHTED.get(self.method, self.method)
+        name = WEIGHTED.get(self.method, self.method)
+        return f"{name} [{self.detail}]" if self.detail else name
 
     @property
     def bad(self) -> list[Point]:
@@ -94,9 +112,10 @@ def summarise(point: Point, objectives: list[str], boot: PromptBootstrap) -> Poi
     point.reward = [mean_std([metric(m, "reward", o) for m in ms]) for o in objectives]
     point.win = [mean_std([metric(m, "win_rate", o) for m in ms]) for o in objectives]
     outcomes = {s: outcome_matrix(m, objectives) for s, (m, _) in point.by_seed.items()}
+    fps = {s: pi_ref_fingerprint(res) for s, (_, res) in point.by_seed.items()}
     point.win_ci = [None] * len(objectives)
     if all(w is not None for w in outcomes.values()) and all(is_ok(v) for v in point.win):
-        draws = boot.rate_draws(outcomes)
+        draws = boot.rate_draws(outcomes, fps)
         point.win_ci = [interval(draws[:, k]) for k in range(len(objectives))]
     return point
 
@@ -177,12 +196,18 @@ def _shared_point(runs: list[dict], beta: float, name: str, own: bool) -> Point 
     return Point((), name, by_seed) if by_seed else None
 
 
+def front_setting(res: dict, name: str) -> Setting:
+    """A point's setting less its weights: the points of one front differ in ``method.weights`` only."""
+    setting = row_setting(res, name, own=True)
+    return None if setting is None else tuple(kv for kv in setting if kv[0] != "method.weights")
+
+
 def collect_fronts(
     objectives: list[str], runs: list[dict], boot: PromptBootstrap
 ) -> tuple[list[Front], dict[float, Reference]]:
     """Every method's front per β (points ordered from the first objective's vertex to the last's)."""
     k = len(objectives)
-    acc: dict[tuple[float, str], dict[tuple[float, ...], Point]] = defaultdict(dict)
+    acc: dict[tuple[float, str, Setting], dict[tuple[float, ...], Point]] = defaultdict(dict)
     for res in runs:
         seed, beta = int(res["seed"]), float(res["beta"])
         for name in res["method_policies"]:
@@ -190,12 +215,19 @@ def collect_fronts(
             metrics = res["policies"].get(name)
             if parsed is None or len(parsed[1]) != k or not isinstance(metrics, dict):
                 continue
-            point = acc[(beta, parsed[0])].setdefault(parsed[1], Point(parsed[1], name, {}))
+            weights = recorded_weights(res, name) or parsed[1]
+            point = acc[(beta, parsed[0], front_setting(res, name))].setdefault(
+                tuple(round(w, 12) for w in weights), Point(weights, name, {})
+            )
             point.by_seed.setdefault(seed, (metrics, res))  # a duplicate: Table 1's note names it
     fronts = []
-    for (beta, method), by_w in sorted(acc.items()):
+    for (beta, method, setting), by_w in sorted(acc.items(), key=lambda kv: (*kv[0][:2], str(kv[0][2]))):
         points = [summarise(by_w[w], objectives, boot) for w in sorted(by_w, reverse=True)]
-        fronts.append(Front(beta, method, points))
+        fronts.append(Front(beta, method, points, setting=setting))
+    for f in fronts:
+        others = {g.setting for g in fronts if (g.beta, g.method) == (f.beta, f.method)} - {f.setting}
+        if others:
+            f.detail = setting_text(f.setting, others)
     refs = {}
     for beta in sorted({f.beta for f in fronts}):
         at_beta = [f for f in fronts if f.beta == beta]

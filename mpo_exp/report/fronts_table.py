@@ -114,6 +114,7 @@ def fronts_csv(objectives: list[str], fronts: list[Front]) -> str:
             "hypervolume",
             "front_flops_mean",
             "front_wall_s_mean",
+            "label",
         ]
     )
     for f in fronts:
@@ -132,6 +133,7 @@ def fronts_csv(objectives: list[str], fronts: list[Front]) -> str:
                     "" if f.hypervolume is None else f.hypervolume,
                     f.cost.flops[0] if f.cost else "",
                     f.cost.wall_s[0] if f.cost else "",
+                    f.label,
                 ]
             )
     return buf.getvalue()

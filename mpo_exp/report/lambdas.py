@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 
 from mpo_exp.report.cells import FLAG_NOTE, cell, flagged
-from mpo_exp.report.load import mean_std, metric, pretty
+from mpo_exp.report.load import mean_std, metric, pretty, row_setting, setting_text
 
 LAMBDA_METHODS = ("mpo", "reward_soups")
 LAMBDA_CAPTION = (
@@ -26,22 +26,26 @@ def _by_objective(res: dict, key: str, objectives: list[str]) -> dict[str, float
 
 def lambda_rows(objectives: list[str], runs: list[dict]) -> list[dict]:
     """Per (β, MPO-family row) with BSMD results: λ, its bootstrap std and the Frank–Wolfe gap."""
-    acc: dict[tuple[float, str], dict[int, dict]] = defaultdict(dict)
+    acc: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for res in runs:
         if res["method"] not in LAMBDA_METHODS or not res.get("bsmd") or res.get("lambda") is None:
             continue
         label = res["method"]
         if label == "mpo" and res["method_policies"]:
             label = res["method_policies"][0]  # mpo or a leave-one-out mpo_without_<k>
-        acc[(float(res["beta"]), label)].setdefault(int(res["seed"]), res)
+        # jobs run with different settings are never averaged (as in Table 1)
+        setting = row_setting(res, label, own=True)
+        acc[(float(res["beta"]), label, setting)].setdefault(int(res["seed"]), res)
     rows = []
-    for (beta, label), by_seed in sorted(acc.items()):
+    for (beta, label, setting), by_seed in sorted(acc.items(), key=lambda kv: (*kv[0][:2], str(kv[0][2]))):
+        others = {k[2] for k in acc if k[:2] == (beta, label)} - {setting}
+        shown = pretty(label) + (f" [{setting_text(setting, others)}]" if others else "")
         runs_ = list(by_seed.values())
         lams = [_by_objective(r, "lambda", objectives) for r in runs_]
         stds = [s for s in (_by_objective(r, "lambda_std", objectives) for r in runs_) if s]
         gaps = [metric(r["bsmd"], "fw_gap") for r in runs_ if isinstance(r["bsmd"], dict)]
         gaps = [g for g in gaps if g is not None]
-        row = {"beta": beta, "policy": label, "label": pretty(label), "seeds": len(runs_)}
+        row = {"beta": beta, "policy": label, "label": shown, "seeds": len(runs_)}
         for o in objectives:
             row[f"lambda_{o}"] = mean_std([lam[o] if lam else None for lam in lams])
             vals = [s[o] for s in stds if s[o] is not None]

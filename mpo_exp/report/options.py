@@ -17,7 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from mpo_exp.report.landscape import landscape_markdown, plot_landscape
-from mpo_exp.report.load import Records, metric, pretty, variant_label
+from mpo_exp.report.load import (
+    Records,
+    RowKey,
+    metric,
+    pi_ref_fingerprint,
+    pretty,
+    row_setting,
+    shared_part,
+    variant_label,
+)
 from mpo_exp.report.stats import PromptBootstrap, interval, outcome_matrix
 
 PAPER, UNIFORM = "mpo", "uniform_mix"
@@ -28,15 +37,25 @@ def is_variant(name: str) -> bool:
     return name == PAPER or (name.startswith("mpo_") and "_without_" not in name)
 
 
-def _outcomes(records: Records, beta: float, name: str, objectives: list[str]) -> dict[int, np.ndarray]:
-    out = {}
-    for key, by_seed in records.rows.items():
-        if key[0] == beta and key[1] == name:
-            for seed, entry in by_seed.items():
-                w = outcome_matrix(entry.metrics, objectives)
-                if w is not None:
-                    out[seed] = w
-    return out
+Outcomes = tuple[dict[int, np.ndarray], dict[int, str | None]]
+
+
+def _outcomes(records: Records, key: RowKey | None, objectives: list[str]) -> Outcomes:
+    """One row's per-prompt outcomes by seed, and each seed's π_ref fingerprint (the pairing)."""
+    out, fps = {}, {}
+    for seed, entry in (records.rows[key] if key is not None else {}).items():
+        w = outcome_matrix(entry.metrics, objectives)
+        if w is not None:
+            out[seed], fps[seed] = w, pi_ref_fingerprint(entry.run)
+    return out, fps
+
+
+def _base(records: Records, key: RowKey, name: str) -> RowKey | None:
+    """The row ``name`` that ``key`` is compared with: the same β and π_ref / π_k (shared setting);
+    None when there is none, or several (MPO run with different settings) and no way to choose."""
+    shared = shared_part(key[3])
+    found = [k for k in records.rows if k[:2] == (key[0], name) and shared_part(k[3]) == shared]
+    return found[0] if len(found) == 1 else None
 
 
 def _fmt_diff(draws: np.ndarray) -> str:
@@ -52,54 +71,58 @@ def options_markdown(
     betas = sorted({k[0] for k in records.rows if is_variant(k[1]) and k[1] != PAPER})
     if not betas:
         return None
-    lambdas: dict[tuple[float, str], list[list[float]]] = defaultdict(list)
-    max_kl: dict[tuple[float, str], list[float]] = defaultdict(list)
-    flops: dict[tuple[float, str], list[float]] = defaultdict(list)
+    # keyed like the rows: (β, policy, setting)
+    lambdas: dict[tuple, list[list[float]]] = defaultdict(list)
+    max_kl: dict[tuple, list[float]] = defaultdict(list)
+    flops: dict[tuple, list[float]] = defaultdict(list)
     for res in runs:
         beta = float(res["beta"])
         for o in (res.get("landscape") or {}).get("options", {}).values():
-            lambdas[beta, o["policy"]].append(o["lambda"])
-            max_kl[beta, o["policy"]].append(o["max_kl"])
+            at = (beta, o["policy"], row_setting(res, o["policy"], True))
+            lambdas[at].append(o["lambda"])
+            max_kl[at].append(o["max_kl"])
         if res.get("method") == "mpo" and res.get("lambda"):
-            lambdas[beta, res["method_policies"][0]].append(res["lambda"])
+            name = res["method_policies"][0]
+            lambdas[beta, name, row_setting(res, name, True)].append(res["lambda"])
         for name, parts in (res.get("cost_summary") or {}).items():
             if is_variant(name):
                 value = metric(parts.get("post_processing", {}), "flops")
                 if value is not None:
-                    flops[beta, name].append(value)
+                    flops[beta, name, row_setting(res, name, True)].append(value)
     lines = [
         f"| β | variant | λ ({', '.join(objectives)}) | min win % [95% CI] | − uniform mixing "
         "| − paper's MPO | decoded max KL | post-proc. FLOPs | seeds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for beta in betas:
-        names = sorted(
-            {k[1] for k in records.rows if k[0] == beta and is_variant(k[1])}, key=lambda n: (n != PAPER, n)
-        )
-        base = {ref: _outcomes(records, beta, ref, objectives) for ref in (UNIFORM, PAPER)}
-        for name in [UNIFORM, *names]:
-            w = _outcomes(records, beta, name, objectives)
+        keys = [k for k in records.sorted_keys() if k[0] == beta and (is_variant(k[1]) or k[1] == UNIFORM)]
+        keys.sort(key=lambda k: (k[1] != UNIFORM, k[1] != PAPER, k[1]))
+        for key in keys:
+            name = key[1]
+            w, fps = _outcomes(records, key, objectives)
             if not w:
                 continue
-            draws = boot.min_draws(w)
+            draws = boot.min_draws(w, fps)
             point = float(np.mean([np.min(v.mean(axis=1)) for v in w.values()]))
             lo, hi = interval(draws)
             diffs = []
             for ref in (UNIFORM, PAPER):
-                common = sorted(set(w) & set(base[ref]))
+                bw, bfps = _outcomes(records, _base(records, key, ref), objectives)
+                common = sorted(set(w) & set(bw))
                 if name == ref or not common:
                     diffs.append("–")
                     continue
-                mine = boot.min_draws({s: w[s] for s in common})
-                theirs = boot.min_draws({s: base[ref][s] for s in common})
+                mine = boot.min_draws({s: w[s] for s in common}, fps)
+                theirs = boot.min_draws({s: bw[s] for s in common}, bfps)
                 diffs.append(_fmt_diff(mine - theirs))
-            lam = lambdas.get((beta, name))
+            lam = lambdas.get((beta, name, key[3]))
             lam_txt = ", ".join(f"{x:.3f}" for x in np.mean(lam, axis=0)) if lam else "–"
-            kl = max_kl.get((beta, name))
+            kl = max_kl.get((beta, name, key[3]))
             kl_txt = f"{np.mean(kl):.2f}" if kl else "–"
-            fl = flops.get((beta, name))
+            fl = flops.get((beta, name, key[3]))
             fl_txt = f"{np.mean(fl):.2e}" if fl else ("0" if name == UNIFORM else "–")
             label = pretty(name) if name in (UNIFORM, PAPER) else variant_label(name)
+            label += records.label(key)[len(pretty(name)) :]  # the setting's fields, when a name has several
             lines.append(
                 f"| {beta:g} | {label} | {lam_txt} | {100 * point:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | "
                 f"{diffs[0]} | {diffs[1]} | {kl_txt} | {fl_txt} | {len(w)} |"

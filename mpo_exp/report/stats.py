@@ -4,11 +4,18 @@ A row's "min" is the mean over seeds of each seed's minimum over objectives of t
 bootstrap draw resamples each seed's eval prompts with replacement (independently per seed),
 recomputes that seed's per-objective win rates from the per-prompt outcomes (``win_per_prompt``)
 and their minimum, and averages over seeds. Every policy evaluated on a seed's prompts uses the
-same resampled indices, so the difference of two rows' draws is a paired bootstrap. A draw is a
-matrix product of resample counts (B, n) with outcomes (n, K), so B=1000 costs milliseconds.
+same resampled indices, so the difference of two rows' draws is a paired bootstrap. Runs are paired
+only when they measured against the same π_ref responses: the resample is keyed by (seed, number of
+prompts, ``pi_ref_fingerprint``), so runs with different fingerprints (other prompts or other π_ref
+samples) are resampled independently, as unpaired samples should be; results written before the
+fingerprint was recorded are paired by (seed, number of prompts) alone, and the report says so. A
+draw is a matrix product of resample counts (B, n) with outcomes (n, K), so B=1000 costs milliseconds.
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -32,37 +39,55 @@ def outcome_matrix(metrics: dict, objectives: list[str]) -> np.ndarray | None:
     return w if np.isfinite(w).all() else None
 
 
+Fingerprints = Mapping[int, str | None]
+
+
+def _words(fingerprint: str | None) -> list[int]:
+    """A fingerprint as seed words for the resample's generator (none for older results)."""
+    if fingerprint is None:
+        return []
+    digest = hashlib.sha256(fingerprint.encode()).digest()
+    return [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
+
+
 class PromptBootstrap:
-    """Resample counts per (seed, number of prompts), shared by every row: the pairing."""
+    """Resample counts per (seed, number of prompts, π_ref fingerprint), shared by every row: the pairing."""
 
     def __init__(self, n_boot: int = DEFAULT_B, seed: int = 0) -> None:
         self.n_boot, self.seed = int(n_boot), int(seed)
-        self._counts: dict[tuple[int, int], np.ndarray] = {}
+        self._counts: dict[tuple[int, int, str | None], np.ndarray] = {}
 
-    def counts(self, run_seed: int, n: int) -> np.ndarray:
+    def counts(self, run_seed: int, n: int, fingerprint: str | None = None) -> np.ndarray:
         """(B, n): how often each of the n prompts is drawn in each resample."""
-        key = (int(run_seed), int(n))
+        key = (int(run_seed), int(n), fingerprint)
         if key not in self._counts:
-            rng = np.random.default_rng([self.seed, int(run_seed) & 0xFFFFFFFF, int(n)])
+            words = [self.seed, int(run_seed) & 0xFFFFFFFF, int(n), *_words(fingerprint)]
+            rng = np.random.default_rng(words)
             idx = rng.integers(0, n, size=(self.n_boot, n))
             idx += np.arange(self.n_boot)[:, None] * n
             flat = np.bincount(idx.ravel(), minlength=self.n_boot * n)
             self._counts[key] = flat.reshape(self.n_boot, n).astype(np.float64)
         return self._counts[key]
 
-    def min_draws(self, outcomes_by_seed: dict[int, np.ndarray]) -> np.ndarray:
+    def min_draws(
+        self, outcomes_by_seed: dict[int, np.ndarray], fingerprints: Fingerprints | None = None
+    ) -> np.ndarray:
         """(B,) draws of mean over seeds of min over objectives of the resampled win rates."""
+        fps = fingerprints or {}
         per_seed = []
         for run_seed, w in sorted(outcomes_by_seed.items()):
             n = w.shape[1]
-            rates = self.counts(run_seed, n) @ w.T / n  # (B, K)
+            rates = self.counts(run_seed, n, fps.get(run_seed)) @ w.T / n  # (B, K)
             per_seed.append(rates.min(axis=1))
         return np.mean(per_seed, axis=0)
 
-    def rate_draws(self, outcomes_by_seed: dict[int, np.ndarray]) -> np.ndarray:
+    def rate_draws(
+        self, outcomes_by_seed: dict[int, np.ndarray], fingerprints: Fingerprints | None = None
+    ) -> np.ndarray:
         """(B, K) draws of the per-objective win rates, averaged over seeds."""
+        fps = fingerprints or {}
         per_seed = [
-            self.counts(run_seed, w.shape[1]) @ w.T / w.shape[1]
+            self.counts(run_seed, w.shape[1], fps.get(run_seed)) @ w.T / w.shape[1]
             for run_seed, w in sorted(outcomes_by_seed.items())
         ]
         return np.mean(per_seed, axis=0)

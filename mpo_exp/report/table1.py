@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpo_exp.report.cells import FLAG_NOTE, cell, flagged, pair, tex
-from mpo_exp.report.load import Records, in_table1, mean_std, metric, pretty
+from mpo_exp.report.load import Records, in_table1, mean_std, metric, pi_ref_fingerprint, pretty
 from mpo_exp.report.stats import PromptBootstrap, interval, outcome_matrix
 
 
@@ -102,6 +102,7 @@ class Table1:
                 "seeds",
                 "reward_normalization",
                 "bold",
+                "label",  # names the differing config fields when one policy has several settings
             ]
         )
         for r in self.rows:
@@ -116,6 +117,7 @@ class Table1:
                     r["seeds"],
                     r["norm"] or "",
                     int(r["bold"]),
+                    r["label"],
                 ]
             )
         return buf.getvalue()
@@ -130,7 +132,7 @@ def table1(objectives: list[str], records: Records, boot: PromptBootstrap) -> Ta
     """Mean/std win rates per (β, policy[, normalisation]), the min's bootstrap interval and the bold."""
     rows = []
     for key in records.sorted_keys():
-        beta, name, norm = key
+        beta, name, norm, _ = key
         if not in_table1(name):
             continue
         entries = records.rows[key]
@@ -152,7 +154,8 @@ def table1(objectives: list[str], records: Records, boot: PromptBootstrap) -> Ta
         outcomes = {seed: outcome_matrix(e.metrics, objectives) for seed, e in entries.items()}
         row["draws"] = row["ci"] = None
         if row["eligible"] and all(w is not None for w in outcomes.values()):
-            row["draws"] = boot.min_draws(outcomes)
+            fps = {seed: pi_ref_fingerprint(e.run) for seed, e in entries.items()}
+            row["draws"] = boot.min_draws(outcomes, fps)
             row["ci"] = interval(row["draws"])
         row["bold"] = False
         rows.append(row)
