@@ -92,3 +92,10 @@ def test_runs_rebuild_on_result_changes_and_reuse_across_display_changes(smoke_c
     )
     assert all(shown["cost"][s]["reused"] for s in shared) and shown["run_key"] == first["run_key"]
     assert shown["policies"]["uniform_mix"]["win_rate"] == first["policies"]["uniform_mix"]["win_rate"]
+
+    # results.json carries what the report groups and pairs by: the result-changing config and a
+    # fingerprint of pi_ref's evaluation responses (the same samples, the same fingerprint)
+    assert first["config"] == shown["config"] and "paths" not in first["config"]
+    assert first["config"]["trainer"] != clipped["config"]["trainer"]
+    assert first["pi_ref_fingerprint"] == shown["pi_ref_fingerprint"]
+    assert first["pi_ref_fingerprint"] != batched["pi_ref_fingerprint"]  # other batches, other samples
