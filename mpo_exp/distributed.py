@@ -142,6 +142,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def ddp_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count`` of the global batch, returned as this rank's share of DDP's gradient average.
+
+    ``total`` is this rank's (differentiable) sum, ``count`` its number of terms (tokens). DDP
+    averages the ranks' gradients, so dividing by the rank's own count would weigh a token on a
+    rank with few tokens more than one on a rank with many. Dividing by the count summed over
+    ranks, times the world size that DDP's average divides out again, makes the average over
+    ranks (of the values and of the gradients) the single-process ``total / count``.
+    """
+    world = world_size()
+    if world > 1:
+        return total * world / all_reduce_sum(count.detach()).clamp(min=1)
+    return total / count.clamp(min=1)
+
+
 def seed_rank_stream() -> None:
     """Offset torch's seed by the rank, so ranks sampling their shards draw distinct streams.
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import functools
 import os
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import pytorch_lightning as pl
@@ -19,11 +21,13 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from mpo_exp import distributed as dist
+from mpo_exp.cost import CostMeter, StageCost
 from mpo_exp.data import PreferenceDataset, collate
 from mpo_exp.training.common import fit, global_batch_loader
 
 WORLD = 2
 N_PAIRS, DPO_BATCH, DPO_STEPS = 24, 8, 5  # 3 global batches per epoch: the run crosses an epoch
+N_SFT, SFT_BATCH, SFT_STEPS = 16, 8, 3
 
 
 # ---- in-process checks ---------------------------------------------------------------------------
@@ -102,7 +106,41 @@ def _dpo_setup():
     return DPOModule(policy.model, beta=0.1, lr=1e-2, warmup_steps=2), data
 
 
-def _trainer_factory(devices: int):
+def _sft_setup():
+    """A tiny GPT-2 without dropout and (prompt, response) rows of 1-9 response tokens."""
+    from mpo_exp.data import SequenceDataset
+    from mpo_exp.generation import encode_prompts
+    from mpo_exp.tasks.toy import ToyTask
+    from mpo_exp.training.sft import SFTModule
+
+    task = ToyTask()
+    policy = _tiny_policies(task, 1)[0]
+    for module in policy.model.modules():  # dropout would draw differently in one and two processes
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    tok = policy.tokenizer
+    prompts = encode_prompts(tok, task.prompts("train", N_SFT, 0))
+    g = torch.Generator().manual_seed(4)  # the ranks' halves of each step differ in tokens (checked)
+    lengths = torch.randint(1, 10, (N_SFT,), generator=g).tolist()
+    responses = [torch.randint(5, len(tok), (n,), generator=g).tolist() for n in lengths]
+    data = SequenceDataset(prompts, responses, tok.pad_token_id)
+    return SFTModule(policy.model, lr=1e-2, warmup_steps=2), data
+
+
+class _FirstGradients(pl.Callback):
+    """The gradients the first optimiser step applies: under DDP, the ranks' average."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.grads:
+            self.grads = {
+                n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None
+            }
+
+
+def _trainer_factory(devices: int, callbacks: tuple[pl.Callback, ...] = ()):
     kw = {}
     if devices > 1:
         from pytorch_lightning.strategies import DDPStrategy
@@ -115,6 +153,7 @@ def _trainer_factory(devices: int):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=list(callbacks),
         **kw,
     )
 
@@ -123,6 +162,64 @@ def _train_dpo(devices: int) -> dict[str, torch.Tensor]:
     module, data = _dpo_setup()
     fit(module, data, data.collate, _trainer_factory(devices), DPO_BATCH, DPO_STEPS, meter=None, seed=7)
     return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+
+
+def _train_sft(devices: int) -> dict[str, dict[str, torch.Tensor]]:
+    module, data = _sft_setup()
+    grads = _FirstGradients()
+    fit(module, data, data.collate, _trainer_factory(devices, (grads,)), SFT_BATCH, SFT_STEPS, None, seed=7)
+    return {
+        "weights": {k: v.detach().clone() for k, v in module.model.state_dict().items()},
+        "grads": grads.grads,
+    }
+
+
+def _train_rl_on_one_rollout(estimator: str, devices: int) -> dict:
+    """One iteration on one rollout of 8 prompts, drawn alike in every process, each rank taking its rows.
+
+    Each rank's rollout would otherwise be its own random draw; fixing it leaves only the updates to
+    compare with one process. The untrained policy seldom samples EOS, so the responses are cut to
+    1-8 tokens: the ranks' rows hold different numbers of tokens. One PPO minibatch: each rank
+    shuffles its own rows into minibatches.
+    """
+    import baselines.ppo as ppo
+    from mpo_exp.generation import encode_prompts, sample
+    from mpo_exp.tasks.toy import ToyTask
+    from tests.test_ppo import build_module
+
+    def reward_fn(batch):  # differs from row to row: the advantages are not rounding noise
+        m = batch.response_mask.float()
+        return (batch.response_ids.float() * m).sum(-1) / (100 * m.sum(-1).clamp(min=1)), {}
+
+    task = ToyTask()
+    module = build_module(task, estimator, beta=0.1, reward_fn=reward_fn)
+    module.minibatches = 1
+    rollout, tokens, pad = module.rollout, [], module.policy.tokenizer.pad_token_id
+
+    def cut_sample(*args, **kwargs):
+        batch = sample(*args, **kwargs)
+        lengths = torch.randint(1, 9, (len(batch),), generator=torch.Generator().manual_seed(4)).tolist()
+        cut = [r[:n] for r, n in zip(batch.responses(), lengths, strict=True)]
+        return collate(batch.prompts(), cut, pad).to(batch.response_ids.device)
+
+    def global_rollout(prompts: list[list[int]]) -> dict:
+        everyone = [p for part in dist.gather_objects(prompts) for p in part]  # the global batch, in order
+        with torch.random.fork_rng(), mock.patch.object(ppo, "sample", cut_sample):
+            torch.manual_seed(5)
+            ro = rollout(everyone)
+        k = len(ro["mask"]) // len(everyone)  # RLOO: k rows per prompt
+        lo, hi = dist.shard_bounds(len(everyone))
+        mine = {key: v if key == "info" else v[k * lo : k * hi] for key, v in ro.items()}
+        tokens.append(int(mine["mask"].sum()))
+        return mine
+
+    module.rollout = global_rollout
+    prompts = encode_prompts(module.policy.tokenizer, task.prompts("train", 8, 0))
+    grads = _FirstGradients()
+    steps = module.optimizer_steps_per_iteration
+    fit(module, prompts, ppo.prompt_collate, _trainer_factory(devices, (grads,)), 8, steps, None, seed=0)
+    weights = {k: v.detach().clone() for k, v in module.net.state_dict().items()}
+    return {"weights": weights, "grads": grads.grads, "tokens": tokens}
 
 
 def _train_rl(estimator: str, devices: int) -> dict:
@@ -148,11 +245,22 @@ def _whiten_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return x, mask
 
 
+@dataclass
+class _RankCostMeter(CostMeter):
+    """A CostMeter that keeps what each stage cost this rank before ``cached_stage`` records all ranks'."""
+
+    own: dict[str, dict] = field(default_factory=dict)
+
+    def record(self, name: str, cost: StageCost) -> None:
+        if name in self.stages and name not in self.own:
+            self.own[name] = self.stages[name].as_dict()
+        super().record(name, cost)
+
+
 def _fake_context(task, policies, cache: Path):
     """What ``score_log_ratios`` reads from a RunContext, with the real cache and cost meter."""
     from mpo_exp.artifacts import ArtifactStore
     from mpo_exp.context import RunContext
-    from mpo_exp.cost import CostMeter
     from mpo_exp.mpo.mixing import MixedPolicy
 
     ref, *singles = policies
@@ -160,7 +268,7 @@ def _fake_context(task, policies, cache: Path):
         seed=0,
         task=task,
         batch_size=5,  # several sampling/scoring batches per shard
-        meter=CostMeter(),
+        meter=_RankCostMeter(),
         store=ArtifactStore(cache),
         keys={"sft": "ref", **{f"dpo/{p.name}": p.name for p in singles}},
         reference=MixedPolicy.single(ref, "pi_ref"),
@@ -168,6 +276,7 @@ def _fake_context(task, policies, cache: Path):
         reseed=lambda offset: pl.seed_everything(offset, verbose=False),
     )
     ctx.cached_stage = functools.partial(RunContext.cached_stage, ctx)
+    ctx.stage_key = functools.partial(RunContext.stage_key, ctx)
     return ctx
 
 
@@ -194,7 +303,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     from mpo_exp.tasks.toy import ToyTask
 
     assert dist.init_from_env("cpu") and dist.world_size() == WORLD and dist.rank() == rank
-    seen: dict = {"dpo": _train_dpo(WORLD)}
+    seen: dict = {"dpo": _train_dpo(WORLD), "sft": _train_sft(WORLD)}
 
     # sharded scoring of one fixed batch (every rank draws the same one), gathered in rank order
     task = ToyTask()
@@ -208,15 +317,18 @@ def _worker(rank: int, port: int, out: str) -> None:
     seen["batch"] = batch
     seen["scores"] = dist.gather_cat(score_policies(models, batch[lo:hi], batch_size=4))
 
-    # MPO's cached stage: sampled and scored by shards, published once by rank 0, reused after
+    # MPO's cached stage: sampled and scored by shards, published once by rank 0, reused after.
+    # One prompt, 15 samples: both ranks sample the same prompt (7 and 8 rows)
     ctx = _fake_context(task, policies, Path(out) / "cache")
-    seen["ell"] = score_log_ratios(ctx, n_prompts=5, samples_per_prompt=3)
-    seen["ell_reused"] = score_log_ratios(ctx, n_prompts=5, samples_per_prompt=3)
-    seen["mpo_cost"] = ctx.meter.stages["mpo/scoring"].as_dict()
+    seen["ell"] = score_log_ratios(ctx, n_prompts=1, samples_per_prompt=15)
+    seen["ell_reused"] = score_log_ratios(ctx, n_prompts=1, samples_per_prompt=15)
+    seen["mpo_cost"] = {s: ctx.meter.stages[f"mpo/{s}"].as_dict() for s in ("sampling", "scoring")}
+    seen["mpo_own_cost"] = {s: ctx.meter.own[f"mpo/{s}"] for s in ("sampling", "scoring")}
 
     # PPO / RLOO: each rank rolls out its half of every batch of prompts; DDP syncs manual_backward
     for estimator in ("ppo", "rloo"):
         seen[estimator] = _train_rl(estimator, devices=WORLD)
+        seen[f"{estimator}_one_rollout"] = _train_rl_on_one_rollout(estimator, devices=WORLD)
     x, mask = _whiten_inputs()
     lo, hi = dist.shard_bounds(len(x))
     seen["whitened"] = dist.gather_cat(masked_whiten(x[lo:hi], mask[lo:hi]))
@@ -242,24 +354,73 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     return [{**s, "out": out} for s in seen]
 
 
+def _assert_same_weights(got: dict, want: dict, what: str) -> None:
+    """Equal to float rounding, but for attention's key bias.
+
+    The key bias adds the same score to every key: softmax ignores it, its gradient is zero but
+    for rounding, and Adam normalises that rounding noise to steps of ~lr. So it is no evidence
+    either way; every other entry must agree.
+    """
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        g = got[k]
+        if k.endswith("attn.c_attn.bias"):
+            d = len(v) // 3
+            no_key_bias = torch.ones(3 * d, dtype=torch.bool)
+            no_key_bias[d : 2 * d] = False
+            g, v = g[no_key_bias], v[no_key_bias]
+        torch.testing.assert_close(g, v, rtol=1e-5, atol=1e-6, msg=f"{what}: parameter {k}")
+
+
+def _assert_same_gradients(got: dict, want: dict, what: str) -> None:
+    """Equal to float rounding, relative to the largest entry (the attention key bias's are rounding).
+
+    No gradient counts as a zero one: RLOO under DDP gives its unused value head zero gradients.
+    """
+    assert want
+    scale = max(float(g.abs().max()) for g in want.values())
+    assert scale > 1e-6  # a gradient worth comparing
+    for k in got.keys() | want.keys():
+        g, v = got.get(k), want.get(k)
+        g, v = (torch.zeros_like(v) if g is None else g), (torch.zeros_like(g) if v is None else v)
+        torch.testing.assert_close(g, v, rtol=1e-4, atol=1e-5 * scale, msg=f"{what}: gradient of {k}")
+
+
 def test_ddp_dpo_matches_one_process_with_the_same_global_batch(two_ranks):
     torch.set_num_threads(1)
     single = _train_dpo(devices=1)
     initial = _dpo_setup()[0].model.state_dict()
     moved = max(float((single[k] - initial[k]).abs().max()) for k in single)
     assert moved > 1e-3  # DPO_STEPS of training did change the weights
-    # attention's key bias adds the same score to every key: softmax ignores it, its gradient is
-    # zero but for rounding, and Adam normalises that rounding noise to steps of ~lr. So it is no
-    # evidence either way; every other entry must agree to float rounding.
-    d = single["transformer.h.0.attn.c_attn.weight"].shape[0]
-    no_key_bias = torch.ones(3 * d, dtype=torch.bool)
-    no_key_bias[d : 2 * d] = False
     for seen in two_ranks:
-        for k, v in single.items():
-            got = seen["dpo"][k]
-            if k.endswith("attn.c_attn.bias"):
-                got, v = got[no_key_bias], v[no_key_bias]
-            torch.testing.assert_close(got, v, rtol=1e-5, atol=1e-6, msg=f"parameter {k}")
+        _assert_same_weights(seen["dpo"], single, "dpo")
+
+
+def test_ddp_sft_matches_one_process_when_the_ranks_hold_unequal_token_counts(two_ranks):
+    """SFT's loss is a mean over tokens: each rank's share divides by the global count, not its own."""
+    data = _sft_setup()[1]
+    loaders = [global_batch_loader(data, SFT_BATCH, WORLD, 7, data.collate, rank=r) for r in range(WORLD)]
+    halves = [[b for _ in range(2) for b in loader][:SFT_STEPS] for loader in loaders]  # crosses an epoch
+    counts = [[int(b.response_mask.sum()) for b in rank] for rank in halves]
+    # every step's halves hold different numbers of tokens: a per-rank mean would weigh them unequally
+    assert all(c0 != c1 for c0, c1 in zip(*counts, strict=True)), counts
+    torch.set_num_threads(1)
+    single = _train_sft(devices=1)
+    for seen in two_ranks:
+        _assert_same_gradients(seen["sft"]["grads"], single["grads"], "sft")
+        _assert_same_weights(seen["sft"]["weights"], single["weights"], "sft")
+
+
+@pytest.mark.parametrize("estimator", ["ppo", "rloo"])
+def test_ddp_rl_updates_match_one_process_when_the_ranks_hold_unequal_token_counts(two_ranks, estimator):
+    """PPO's losses are means over tokens (the global count); RLOO's a mean over rows, equal per rank."""
+    torch.set_num_threads(1)
+    single = _train_rl_on_one_rollout(estimator, devices=1)
+    a, b = (seen[f"{estimator}_one_rollout"] for seen in two_ranks)
+    assert a["tokens"][0] != b["tokens"][0] and a["tokens"][0] + b["tokens"][0] == single["tokens"][0]
+    for seen in (a, b):
+        _assert_same_gradients(seen["grads"], single["grads"], estimator)
+        _assert_same_weights(seen["weights"], single["weights"], estimator)
 
 
 def test_gathered_scores_equal_one_process_scoring(two_ranks, toy_task):
@@ -277,18 +438,23 @@ def test_gathered_scores_equal_one_process_scoring(two_ranks, toy_task):
 
 def test_mpo_scores_are_gathered_published_once_and_reused(two_ranks):
     a, b = two_ranks
-    assert a["ell"].shape == (5, 3, 2)
+    assert a["ell"].shape == (1, 15, 2)
     assert torch.equal(a["ell"], b["ell"]) and torch.equal(a["ell"], a["ell_reused"])
-    # both shards hold samples of their own: no two ranks' rows are copies of each other
+    # Both ranks sample the same prompt in batches of the same shapes: only their own random
+    # streams (per-rank seeding) keep rank 1's i-th sample from being a copy of rank 0's.
     rows = a["ell"].reshape(15, 2)
-    assert not torch.allclose(rows[:7], rows[8:15])
+    copies = [i for i in range(7) if torch.equal(rows[i], rows[7 + i])]
+    assert not copies, f"rank 1 repeats rank 0's samples {copies}"
     published = list((a["out"] / "cache" / "mpo_scores").iterdir())
     assert len([p for p in published if not p.name.endswith(".lock")]) == 1  # one artifact, no temporaries
-    assert a["mpo_cost"]["tokens_fwd"] > 0  # the stage's cost is both ranks' work (7 and 8 rows), on each
-    assert (
-        a["mpo_cost"]["tokens_fwd"] == b["mpo_cost"]["tokens_fwd"]
-        and a["mpo_cost"]["flops"] == b["mpo_cost"]["flops"]
-    )
+    for stage in ("sampling", "scoring"):  # the stage's cost is both ranks' work (7 and 8 rows), on each
+        own = [seen["mpo_own_cost"][stage] for seen in two_ranks]
+        assert 0 < own[0]["tokens_fwd"] != own[1]["tokens_fwd"]  # the sum is neither rank's own cost
+        for seen in two_ranks:
+            cost = seen["mpo_cost"][stage]
+            assert cost["tokens_fwd"] == own[0]["tokens_fwd"] + own[1]["tokens_fwd"], stage
+            assert cost["flops"] == pytest.approx(own[0]["flops"] + own[1]["flops"], rel=1e-12), stage
+            assert cost["wall_s"] == max(o["wall_s"] for o in own), stage
 
 
 def test_sharded_evaluation_is_gathered_on_every_rank(two_ranks):
