@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -174,3 +175,28 @@ def disable_model_dropout(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout) and id(module) not in adapter_dropouts:
             module.p = 0.0
+
+
+def lora_target_problem(module_names: Sequence[str], targets, model_type: str) -> str | None:
+    """Why a LoRA spec's ``target_modules`` would not adapt this model (None: they all exist).
+
+    peft's own matching: a list entry names a module or the last parts of its dotted name; a
+    string is a regular expression over the full name; null takes peft's default for the model
+    type. Checked on the model's module names before any stage, since peft's error comes only
+    after SFT and the preference pairs.
+    """
+    if targets is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+        if model_type not in DEFAULTS:
+            return f"null has no peft default for model type {model_type!r}: name the modules"
+        targets = DEFAULTS[model_type]
+    layers = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in module_names}))
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, n) for n in module_names):
+            return f"{targets!r} (a regular expression over full names) matches no module (layers: {layers})"
+        return None
+    for t in targets:
+        if not any(n == t or n.endswith(f".{t}") for n in module_names):
+            return f"{t!r} is no module of the model (its layers: {layers})"
+    return None

@@ -387,6 +387,7 @@ def validate_runtime(cfg: DictConfig) -> None:
     unknown = sorted(trainer_kwargs - set(params))
     if unknown:
         raise ConfigError(f"trainer.{unknown[0]}: unknown argument of {cfg.trainer._target_}")
+    _check_lora_targets(cfg)
     positions = _model_positions(cfg)
     bound = task.prompt_length_bound()
     if positions is not None:
@@ -397,6 +398,37 @@ def validate_runtime(cfg: DictConfig) -> None:
                 f"task.max_new_tokens={task.max_new_tokens}: {what}max_new_tokens = {needed} exceeds the "
                 f"model's {positions} positions (lower task.max_new_tokens or raise the model's context)"
             )
+
+
+def _check_lora_targets(cfg: DictConfig) -> None:
+    """``model.lora`` / ``dpo.lora`` target modules exist in the model (its config, no weights loaded)."""
+    fields = [f for f in ("model.lora", "dpo.lora") if _lora_rank(OmegaConf.select(cfg, f)) > 0]
+    if not fields:
+        return
+    spec = build_node(cfg.model, "model")
+    if not hasattr(spec, "architecture"):
+        return
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mpo_exp.adapters import lora_target_problem
+
+    arch = spec.architecture()
+    with torch.device("meta"):  # module names without allocating a weight
+        model = AutoModelForCausalLM.from_config(arch)
+    names = [n for n, m in model.named_modules() if n and not any(True for _ in m.children())]
+    for field in fields:
+        targets = to_plain(OmegaConf.select(cfg, f"{field}.target_modules"))
+        problem = lora_target_problem(names, targets, arch.model_type)
+        if problem:
+            raise ConfigError(f"{field}.target_modules: {problem}")
+
+
+def _lora_rank(lora) -> int:
+    if not isinstance(lora, DictConfig):
+        return 0
+    r = lora.get("r", 8)
+    return int(r) if _is_int(r) else 0
 
 
 def _model_positions(cfg: DictConfig) -> int | None:

@@ -21,6 +21,7 @@ from transformers import (
     AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -63,6 +64,10 @@ class TinyGPT2Spec:
         )
         return Policy("init", GPT2LMHeadModel(cfg), tokenizer)
 
+    def architecture(self) -> PretrainedConfig:
+        """The model's config without weights or tokenizer (module names do not depend on the vocab)."""
+        return GPT2Config(**self.kwargs)
+
     def trainable(self, model: PreTrainedModel) -> PreTrainedModel:
         return model
 
@@ -86,6 +91,12 @@ class PretrainedSpec:
         if tokenizer is not None:
             check_same_tokenizer({"model": policy.tokenizer, "task": tokenizer})
         return policy
+
+    def architecture(self) -> PretrainedConfig:
+        """The model's config (its ``config.json``), read without loading the weights."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.name_or_path)
 
     def trainable(self, model: PreTrainedModel) -> PreTrainedModel:
         """Wrap in LoRA adapters when ``model.lora`` is set: the schema of ``dpo.lora``."""
@@ -138,25 +149,40 @@ class GGUFPackageSpec(PretrainedSpec):
         spec = importlib.util.find_spec(self.package)
         return Path(list(spec.submodule_search_locations)[0]) / self.gguf_file
 
-    def converted(self, store=None):
-        """The plain HF checkpoint converted from the GGUF file (an :class:`~mpo_exp.artifacts.Artifact`
-        of kind ``base_model``): built once under the store's lock, then reused and verified."""
-        from mpo_exp.artifacts import ArtifactStore
-
-        gguf = self.gguf_path()
+    def _converted_spec(self, gguf: Path) -> dict:
         try:
             version = importlib.metadata.version(self.requirement.split("==")[0])
         except importlib.metadata.PackageNotFoundError:
             version = None
-        spec = {
+        return {
             "package": self.package,
             "version": version,
             "gguf_file": self.gguf_file,
             "size": gguf.stat().st_size,
             "format": "fp32 safetensors, dequantised with transformers' GGUF loader",
         }
+
+    def converted(self, store=None):
+        """The plain HF checkpoint converted from the GGUF file (an :class:`~mpo_exp.artifacts.Artifact`
+        of kind ``base_model``): built once under the store's lock, then reused and verified."""
+        from mpo_exp.artifacts import ArtifactStore
+
+        gguf = self.gguf_path()
         store = store or ArtifactStore(self.cache_dir)
+        spec = self._converted_spec(gguf)
         return store.get_or_build("base_model", spec, lambda tmp: convert_gguf(gguf, tmp), label=self.name)
+
+    def architecture(self) -> PretrainedConfig:
+        """The converted checkpoint's config if it is cached, else the GGUF file's metadata (~8 s)."""
+        from transformers import AutoConfig
+
+        from mpo_exp.artifacts import ArtifactStore, config_key
+
+        gguf = self.gguf_path()
+        done = ArtifactStore(self.cache_dir).path("base_model", config_key(self._converted_spec(gguf)))
+        if (done / "config.json").exists():
+            return AutoConfig.from_pretrained(str(done))
+        return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
     def build(self, tokenizer: PreTrainedTokenizerBase | None) -> Policy:
         policy = load_policy(self.converted().path, name="init", dtype=self.dtype)

@@ -121,3 +121,30 @@ def test_fsdp_is_refused_in_one_line_before_any_stage(smoke_cfg, tmp_path, strat
     with pytest.raises(ConfigError, match="FSDP is not supported.*use trainer.strategy=ddp"):
         run_pipeline(smoke_cfg(f"trainer.strategy={strategy}"), tmp_path / "run")
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        ("[c_atn]", "dpo.lora.target_modules: 'c_atn' is no module of the model (its layers: "),
+        ("[c_attn,q_proj]", "dpo.lora.target_modules: 'q_proj' is no module"),
+        ("'.*\\.nothing'", "matches no module"),
+    ],
+)
+def test_lora_targets_that_are_not_in_the_model_are_refused_before_any_stage(smoke_cfg, targets, message):
+    """peft's own error came after SFT and the pairs; the model's module names are known beforehand."""
+    from mpo_exp.config import validate_runtime
+
+    pytest.importorskip("peft")
+    cfg = smoke_cfg("dpo.lora.r=4", f"dpo.lora.target_modules={targets}")
+    validate_config(cfg, check_paths=False)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_runtime(cfg)
+
+
+@pytest.mark.parametrize("targets", ["null", "[c_attn]", "[attn.c_attn,c_fc]", "'.*mlp\\.c_fc'"])
+def test_lora_targets_that_peft_would_match_pass(smoke_cfg, targets):
+    from mpo_exp.config import validate_runtime
+
+    pytest.importorskip("peft")
+    validate_runtime(smoke_cfg("dpo.lora.r=4", f"dpo.lora.target_modules={targets}"))
