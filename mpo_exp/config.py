@@ -58,6 +58,7 @@ POSITIVE_INTS = [
     "rl.iterations",
     "eval.n_prompts",
     "inference_batch_size",
+    "sampling_batch_size",
 ]
 # sft.max_steps=0: pi_ref is the model as loaded (e.g. an instruct model), no SFT corpus needed
 NON_NEGATIVE_INTS = ["seed", "eval.n_examples", "sft.max_steps", "dpo.lora.r"]

@@ -40,7 +40,7 @@ class StageKind:
     artifacts are rebuilt rather than silently reused (the package version is not in the key: most
     releases change no stage). ``trains``: the result-changing trainer fields (precision, gradient
     accumulation and clipping, ...) shape its weights. ``samples``: it draws samples, whose random
-    stream depends on how rows are batched (``inference_batch_size``) and, under DDP, on the rank.
+    stream depends on how rows are batched (``sampling_batch_size``) and, under DDP, on the rank.
     """
 
     version: int
@@ -111,7 +111,8 @@ class RunContext:
         self.store = ArtifactStore(cfg.paths.cache_dir)
         self.meter = CostMeter()
         self.logger = logger
-        self.batch_size: int = int(cfg.inference_batch_size)
+        self.batch_size: int = int(cfg.inference_batch_size)  # scoring
+        self.sample_batch_size: int = int(cfg.get("sampling_batch_size") or cfg.inference_batch_size)
         self.keys: dict[str, str] = {}
         self.bank: AdapterBank | None = None  # with dpo.lora: pi_ref's weights and the pi_k adapters
         self.memo: dict[str, object] = {}  # stages added by methods (e.g. reward models) memoise here
@@ -173,7 +174,7 @@ class RunContext:
         if what.trains:
             extra["trainer"] = trainer_key(self.cfg.trainer)
         if what.samples:
-            extra["inference_batch_size"] = self.batch_size
+            extra["sampling_batch_size"] = self.sample_batch_size
             if dist.world_size() > 1:
                 extra["world_size"] = dist.world_size()
         clash = sorted(set(extra) & set(spec))
@@ -291,7 +292,7 @@ class RunContext:
                     float(cfg.bt_temperature),
                     self.seed,
                     self.meter,
-                    self.batch_size,
+                    self.sample_batch_size,
                 )
             with self.meter.stage("dpo/ref_logp"):  # only DPO reads them: charged to DPO's methods
                 pairs.score_reference(ref, self.batch_size, self.meter)

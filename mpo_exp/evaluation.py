@@ -90,8 +90,10 @@ class Evaluator:
         batch_size: int = 256,
         temperature: float = 1.0,
         n_examples: int = 3,
+        sample_batch_size: int | None = None,
     ) -> None:
         self.task, self.ref, self.batch_size, self.temperature = task, ref, batch_size, temperature
+        self.sample_batch_size = sample_batch_size or batch_size
         self.n_examples, self.seed = n_examples, seed
         self.prompts = encode_prompts(ref.tokenizer, task.prompts("eval", n_prompts, seed))
         self.shard = list(dist.shard(self.prompts))  # this rank's prompts (all of them in one process)
@@ -107,7 +109,7 @@ class Evaluator:
             policy,
             self.shard,
             self.task.max_new_tokens,
-            self.batch_size,
+            self.sample_batch_size,
             self.temperature,
             meter,
             desc=f"eval: sampling {policy.name}",

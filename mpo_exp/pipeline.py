@@ -90,6 +90,7 @@ def run_pipeline(
             ctx.batch_size,
             float(cfg.eval.temperature),
             int(cfg.eval.n_examples),
+            sample_batch_size=ctx.sample_batch_size,
         )
         with ctx.meter.stage("eval/pi_ref_baseline"):
             baseline = ev.reference_rewards(ctx.meter)

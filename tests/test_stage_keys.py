@@ -2,7 +2,7 @@
 
 Every cached stage goes through ``RunContext.stage_key``, which adds what its kind depends on beyond
 its own spec (``STAGE_KINDS``): a version salt, the trainer's result-changing fields for stages that
-train, ``inference_batch_size`` for stages that sample. The pipeline test then shows the same on
+train, ``sampling_batch_size`` for stages that sample. The pipeline test then shows the same on
 real runs: which stages are rebuilt, which reused, and whether a finished job is run again.
 """
 
@@ -20,7 +20,8 @@ RESULT_CHANGING = [
     ("+trainer.accumulate_grad_batches=2", "trains"),
     ("+trainer.gradient_clip_val=0.5", "trains"),
     ("+trainer.gradient_clip_algorithm=value", "trains"),
-    ("inference_batch_size=7", "samples"),
+    ("inference_batch_size=7", "samples"),  # the sampling batch follows it unless set
+    ("sampling_batch_size=7", "samples"),
 ]
 WHERE_NOT_WHAT = [
     "paths.cache_dir=/elsewhere/cache",
@@ -39,7 +40,9 @@ def _keys(cfg, tmp_path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("override", "depends"), RESULT_CHANGING)
-def test_result_changing_fields_rekey_exactly_the_stages_that_read_them(smoke_cfg, tmp_path, override, depends):
+def test_result_changing_fields_rekey_exactly_the_stages_that_read_them(
+    smoke_cfg, tmp_path, override, depends
+):
     base, changed = _keys(smoke_cfg(), tmp_path), _keys(smoke_cfg(override), tmp_path)
     for kind, what in STAGE_KINDS.items():
         assert (base[kind] != changed[kind]) == getattr(what, depends), (kind, override)
@@ -49,6 +52,14 @@ def test_result_changing_fields_rekey_exactly_the_stages_that_read_them(smoke_cf
 @pytest.mark.parametrize("override", WHERE_NOT_WHAT)
 def test_where_not_what_fields_keep_every_key(smoke_cfg, tmp_path, override):
     assert _keys(smoke_cfg(override), tmp_path) == _keys(smoke_cfg(), tmp_path)
+
+
+def test_the_scoring_batch_alone_keeps_every_key(smoke_cfg, tmp_path):
+    """Scoring's batch changes float rounding only; the sampling batch draws the random numbers."""
+    fixed = smoke_cfg("sampling_batch_size=256")
+    assert _keys(smoke_cfg("sampling_batch_size=256", "inference_batch_size=7"), tmp_path) == _keys(
+        fixed, tmp_path
+    )
 
 
 def test_every_kind_is_salted_and_unknown_kinds_are_refused(smoke_cfg, tmp_path):

@@ -397,7 +397,7 @@ class DecodedEstimator:
             ctx.task.max_new_tokens,
             tok.pad_token_id,
             tok.eos_token_id,
-            ctx.batch_size,
+            ctx.sample_batch_size,
             ctx.meter,
         )
         total, grad = kl_gradients(d, st.samples_per_prompt)

@@ -114,6 +114,7 @@ class LandscapeMethod(Method):
             ctx.batch_size,
             float(ctx.cfg.eval.temperature),
             0,
+            sample_batch_size=ctx.sample_batch_size,
         )
         with ctx.meter.stage("diagnostics/landscape"):
             baseline = ev.reference_rewards()
@@ -199,7 +200,7 @@ class LandscapeMethod(Method):
             ctx.task.max_new_tokens,
             tok.pad_token_id,
             tok.eos_token_id,
-            ctx.batch_size,
+            ctx.sample_batch_size,
             ctx.meter,
         )
         total, _ = kl_gradients(d, 1)

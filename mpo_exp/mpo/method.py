@@ -125,7 +125,7 @@ def score_samples(
                         policy,
                         [mine[r][0] for r in idx],
                         ctx.task.max_new_tokens,
-                        ctx.batch_size,
+                        ctx.sample_batch_size,
                         meter=ctx.meter,
                         desc=f"MPO: sampling from {who}",
                     )
