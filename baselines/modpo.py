@@ -126,13 +126,12 @@ def oriented_margin(
     """Σ_{j≠k} w_j·(r_j(chosen) - r_j(rejected)) for objective k's pairs, in ``PairSet.dataset(k)`` order.
 
     ``scores_a`` / ``scores_b``: (n, K) rewards of every pair's two responses (column k unused).
+    Kept and oriented by :meth:`PairSet.orient`, as the dataset is, so margins and pairs line up.
     """
-    keep = ~pairs.tie[:, k] if drop_ties else torch.ones_like(pairs.tie[:, k])
-    idx = keep.nonzero().squeeze(-1)
+    chosen, rejected = pairs.orient(k, scores_a, scores_b, drop_ties)
     w = torch.tensor(weights, dtype=torch.float32)
     w[k] = 0.0
-    diff = (scores_a[idx] - scores_b[idx]).float() @ w
-    return torch.where(pairs.a_wins[idx, k], diff, -diff)
+    return (chosen - rejected).float() @ w
 
 
 def pair_rewards(ctx: RunContext, source: str, others: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

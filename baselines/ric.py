@@ -88,6 +88,14 @@ def condition_ids(bins: torch.Tensor, base: int, n_bins: int) -> torch.Tensor:
     return base + torch.arange(bins.shape[-1]) * n_bins + bins
 
 
+def conditioned_prompts(
+    prompts: Sequence[list[int]], bins: torch.Tensor, base: int, n_bins: int
+) -> list[list[int]]:
+    """The training layout: each prompt with its row's score tokens in front (``bins``: (N, K))."""
+    cond = condition_ids(bins, base, n_bins).tolist()
+    return [c + list(p) for c, p in zip(cond, prompts, strict=True)]
+
+
 # ---- the conditioned model ---------------------------------------------------------------------
 def add_condition_rows(model: PreTrainedModel, n_new: int, generator: torch.Generator) -> int:
     """Append ``n_new`` embedding rows drawn around the existing ones; returns the old vocabulary size.
@@ -284,8 +292,7 @@ class RiCMethod(Method):
             model = ctx.model_spec.trainable(policy.model)
 
             def conditioned(prompts: list[list[int]], bins: torch.Tensor) -> list[list[int]]:
-                cond = condition_ids(bins, base, self.bins).tolist()
-                return [c + p for c, p in zip(cond, prompts, strict=True)]
+                return conditioned_prompts(prompts, bins, base, self.bins)
 
             prompts, responses = data.prompts(), data.responses()
             labels = to_bins(scores, edges)

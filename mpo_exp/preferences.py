@@ -48,19 +48,35 @@ class PairSet:
     def load(cls, path: Path) -> PairSet:
         return cls(**torch.load(path / "pairs.pt", weights_only=False))
 
+    def orientation(self, k: int, drop_ties: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(idx, a_chosen): the rows objective k trains on (its ties dropped if asked) and whether
+        response a is the chosen one. The one place pairs are kept and oriented, so everything
+        attached to them row by row (sequences, pi_ref log-probs, MODPO's margins) lines up."""
+        keep = ~self.tie[:, k] if drop_ties else torch.ones_like(self.tie[:, k])
+        idx = keep.nonzero().squeeze(-1)
+        return idx, self.a_wins[idx, k]
+
+    def orient(
+        self, k: int, values_a: torch.Tensor, values_b: torch.Tensor, drop_ties: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) rows of a per-response quantity ((n, ...) for a and b), in
+        :meth:`dataset` order."""
+        idx, a_chosen = self.orientation(k, drop_ties)
+        a_chosen = a_chosen.view(-1, *([1] * (values_a.dim() - 1)))
+        va, vb = values_a[idx], values_b[idx]
+        return torch.where(a_chosen, va, vb), torch.where(a_chosen, vb, va)
+
     def dataset(self, k: int, pad_id: int, drop_ties: bool = True) -> PreferenceDataset:
         if self.ref_logp_a is None or self.ref_logp_b is None:
             raise ValueError("pairs have no pi_ref log-probs: call PairSet.score_reference first")
-        keep = ~self.tie[:, k] if drop_ties else torch.ones_like(self.tie[:, k])
-        idx = keep.nonzero().squeeze(-1)
-        wins = self.a_wins[idx, k]
+        idx, a_chosen = self.orientation(k, drop_ties)
+        rows = list(zip(idx.tolist(), a_chosen.tolist(), strict=True))
         prompts = self.a.prompts()
         ra, rb = self.a.responses(), self.b.responses()
-        chosen = [ra[i] if w else rb[i] for i, w in zip(idx.tolist(), wins.tolist(), strict=True)]
-        rejected = [rb[i] if w else ra[i] for i, w in zip(idx.tolist(), wins.tolist(), strict=True)]
-        ref_c = torch.where(wins, self.ref_logp_a[idx], self.ref_logp_b[idx])
-        ref_r = torch.where(wins, self.ref_logp_b[idx], self.ref_logp_a[idx])
-        return PreferenceDataset([prompts[i] for i in idx.tolist()], chosen, rejected, ref_c, ref_r, pad_id)
+        chosen = [ra[i] if w else rb[i] for i, w in rows]
+        rejected = [rb[i] if w else ra[i] for i, w in rows]
+        ref_c, ref_r = self.orient(k, self.ref_logp_a, self.ref_logp_b, drop_ties)
+        return PreferenceDataset([prompts[i] for i, _ in rows], chosen, rejected, ref_c, ref_r, pad_id)
 
 
 def bradley_terry_labels(

@@ -96,7 +96,10 @@ BAD = [
         "has no field 'chosen' (set by task.response_field)",
     ),
     (lambda t: _hf(t, data=_local_data(t, empty=True)), "train.jsonl is empty"),
-    (lambda t: [*_hf(t), "task.split_marker=x", "task.prefix_words=3"], "task"),
+    (
+        lambda t: [*_hf(t), "task.split_marker=x", "task.prefix_words=3"],
+        "task.prefix_words and task.split_marker are two ways to split a row: set one",
+    ),
 ]
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from baselines.modpo import modpo_loss, oriented_margin
+from baselines.modpo import MarginDataset, MODPOModule, modpo_loss, oriented_margin, pair_rewards
 from mpo_exp.config import ConfigError, build_method, validate_config
 from mpo_exp.data import collate
+from mpo_exp.mpo.mixing import MixedPolicy
 from mpo_exp.pipeline import run_pipeline
 from mpo_exp.preferences import PairSet
 from mpo_exp.training.dpo import dpo_loss
@@ -63,6 +65,120 @@ def test_margin_follows_objective_k_orientation_and_drops_its_ties():
     torch.testing.assert_close(margin, torch.tensor([-0.4, 0.3]))  # pair 2 ties on objective 0: dropped
     kept = oriented_margin(_pairs(a_wins, tie), ra, rb, 0, w, drop_ties=False)
     assert kept.shape == (3,) and float(kept[2]) == pytest.approx(0.2 * 5 + 0.3 * 5)  # a "wins" the tie
+
+
+class _TokenSumRM(torch.nn.Module):
+    """A stand-in reward model: r(x, y) = Σ_t c[token_t] over the row's real tokens, so every row's
+    score is known by hand and depends on that row's own tokens only."""
+
+    def __init__(self, c: torch.Tensor) -> None:
+        super().__init__()
+        self.c = torch.nn.Parameter(c, requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(logits=(self.c[input_ids] * attention_mask).sum(-1, keepdim=True))
+
+
+def _logp_by_hand(model: torch.nn.Module, prompt: list[int], response: list[int]) -> torch.Tensor:
+    """log π(response | prompt) from one unpadded forward pass: no masks, no batching."""
+    ids = torch.tensor([prompt + response])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    return logp.gather(-1, ids[0, 1:, None])[-len(response) :].sum()
+
+
+def _random_pairs(n: int, vocab: int, tie_k: list[int], k: int, g: torch.Generator) -> PairSet:
+    """n pairs of distinct random responses (lengths vary, so padding differs row to row)."""
+
+    def seq(lo: int, hi: int) -> list[int]:
+        return torch.randint(5, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+
+    prompts = [seq(2, 5) for _ in range(n)]
+    a = collate(prompts, [seq(1, 6) for _ in range(n)], 0)
+    b = collate(prompts, [seq(1, 6) for _ in range(n)], 0)
+    a_wins = torch.rand(n, 3, generator=g) < 0.5
+    tie = torch.zeros(n, 3, dtype=torch.bool)
+    tie[tie_k, k] = True
+    zeros = torch.zeros(n, 3)
+    return PairSet(a, b, zeros, zeros, a_wins, tie, torch.randn(n, generator=g), torch.randn(n, generator=g))
+
+
+@pytest.mark.parametrize("source", ["rm", "implicit"])
+def test_margins_are_each_rows_own_weighted_reward_differences(source, tiny_policies, monkeypatch):
+    """pair_rewards -> oriented_margin -> MarginDataset, batched in shuffled order: each row's margin
+    is Σ_{j≠k} w_j [r_j(chosen) - r_j(rejected)] of the chosen/rejected tokens that row holds, and
+    its chosen response is the one objective k's label prefers."""
+    g = torch.Generator().manual_seed(0)
+    objectives, k, w, beta = ["a", "b", "c"], 1, [0.5, 0.3, 0.2], 0.7
+    tok = tiny_policies[0].tokenizer
+    pairs = _random_pairs(9, len(tok), tie_k=[2, 6], k=k, g=g)
+    if source == "rm":
+        coef = {o: torch.randn(len(tok), generator=g) for o in objectives}
+        rms = {o: SimpleNamespace(model=_TokenSumRM(coef[o])) for o in objectives}
+        monkeypatch.setattr("baselines.modpo.reward_models", lambda ctx: rms)
+
+        def reward(o: str, prompt: list[int], response: list[int]) -> float:
+            return float(coef[o][prompt + response].sum())
+
+    else:
+        ref = tiny_policies[0].model
+        pairs.score_reference(MixedPolicy.single(tiny_policies[0]))
+
+        def reward(o: str, prompt: list[int], response: list[int]) -> float:
+            logp = _logp_by_hand(pi[o], prompt, response)
+            return beta * float(logp - _logp_by_hand(ref, prompt, response))
+
+    pi = {"a": tiny_policies[1].model, "c": tiny_policies[2].model}  # pi_j for the implicit rewards
+    ctx = SimpleNamespace(
+        pairs=pairs,
+        task=SimpleNamespace(objectives=objectives),
+        batch_size=4,  # several chunks
+        meter=None,
+        beta=beta,
+        single_objective_policies={o: SimpleNamespace(model=m) for o, m in pi.items()},
+    )
+    with torch.no_grad():
+        ra, rb = pair_rewards(ctx, source, ["a", "c"])
+        margin = oriented_margin(pairs, ra, rb, k, w, drop_ties=True)
+    assert (ra[:, k] == 0).all() and (rb[:, k] == 0).all()  # objective k's rewards are never needed
+    data = MarginDataset(pairs.dataset(k, tok.pad_token_id, drop_ties=True), margin)
+    kept = [i for i in range(9) if i not in (2, 6)]
+    assert len(data) == len(kept)
+    assert 0 < int(pairs.a_wins[kept, k].sum()) < len(kept)  # both orientations occur
+    order = [5, 0, 3, 6, 1, 4, 2]
+    batch = data.collate(order)
+    assert batch.margin.abs().min() > 1e-3  # every margin is far from zero: a swap would show
+    prompts, resp_a, resp_b = pairs.a.prompts(), pairs.a.responses(), pairs.b.responses()
+    for row, i in enumerate(order):
+        chosen, rejected = batch.pairs.chosen[row : row + 1], batch.pairs.rejected[row : row + 1]
+        p, c, r = chosen.prompts()[0], chosen.responses()[0], rejected.responses()[0]
+        pair = kept[i]
+        assert p == prompts[pair]
+        winner, loser = (resp_a, resp_b) if pairs.a_wins[pair, k] else (resp_b, resp_a)
+        assert (c, r) == (winner[pair], loser[pair])
+        want = sum(w[j] * (reward(o, p, c) - reward(o, p, r)) for j, o in enumerate(objectives) if j != k)
+        assert float(batch.margin[row]) == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_modpo_module_loss_by_hand(tiny_policies):
+    """MODPOModule.training_step on a tiny GPT-2: the policy's log-probs of each padded row, against
+    unpadded forward passes and MODPO's formula written out."""
+    g = torch.Generator().manual_seed(1)
+    tok, model = tiny_policies[0].tokenizer, tiny_policies[0].model
+    pairs = _random_pairs(5, len(tok), tie_k=[], k=0, g=g)
+    data = MarginDataset(pairs.dataset(0, tok.pad_token_id), torch.tensor([0.3, -1.2, 0.0, 2.0, -0.4]))
+    beta, w_k, order = 0.4, 0.6, [3, 1, 4, 0, 2]
+    batch = data.collate(order)
+    module = MODPOModule(model, beta=beta, lr=1e-3, weight=w_k)
+    loss = module.training_step(batch, 0)
+    assert loss.requires_grad
+    logits = []
+    for i in order:
+        p = data.pairs.prompts[i]
+        c = _logp_by_hand(model, p, data.pairs.chosen[i]) - float(data.pairs.ref_chosen_logp[i])
+        r = _logp_by_hand(model, p, data.pairs.rejected[i]) - float(data.pairs.ref_rejected_logp[i])
+        logits.append((beta * (c - r) - float(data.margin[i])) / w_k)
+    want = torch.stack([torch.nn.functional.softplus(-x) for x in logits]).mean()
+    assert float(loss) == pytest.approx(float(want), rel=1e-5)
 
 
 def test_modpo_optimum_is_the_morlhf_optimum():

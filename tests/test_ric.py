@@ -3,24 +3,30 @@ model (same numbers as the training layout, never emits a score token), and a ru
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytorch_lightning as pl
 import torch
 
 from baselines.ric import (
+    RiCMethod,
     ScoreConditionedLM,
     add_condition_rows,
     bin_edges,
     condition_ids,
+    conditioned_prompts,
     desired_bins,
     rejection_mask,
     sample_goals,
     to_bins,
 )
 from mpo_exp.data import collate
-from mpo_exp.generation import sample
+from mpo_exp.generation import decode_prompts, decode_responses, encode_prompts, sample
 from mpo_exp.mpo.mixing import MixedPolicy
 from mpo_exp.pipeline import run_pipeline
-from mpo_exp.policies import Policy
+from mpo_exp.policies import Policy, TinyGPT2Spec
 from mpo_exp.scoring import response_logits, score_sequences
+from mpo_exp.training.common import fit
 
 
 def test_preference_to_score_map_by_hand():
@@ -94,12 +100,70 @@ def test_conditioned_model_never_samples_a_score_token(tiny_policies, toy_task):
     assert torch.isfinite(score_sequences([lm], [1.0], batch)).all()
 
 
+def test_conditioning_on_a_score_steers_a_trained_model(toy_task):
+    """RiC's offline stage on the toy corpus (oracle scores in 3 bins, RiCMethod._fit on the training
+    layout), then sampling through ScoreConditionedLM: asking for the top humour bin gives funnier
+    responses than asking for the bottom one, the other objectives' bins held fixed. With 256
+    samples per arm the gap is > 10 standard errors at every seed tried; we ask for 5 and 0.25."""
+    tok, seed, n_bins = toy_task.build_tokenizer(), 0, 3
+    humour = toy_task.objectives.index("humorous")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 1-layer model: threads only add overhead (and stall on a busy machine)
+    try:
+        torch.manual_seed(seed)
+        model = TinyGPT2Spec(n_layer=1, n_embd=32, n_head=2).build(tok).model
+        corpus = toy_task.corpus(512, seed)
+        prompts = encode_prompts(tok, [p for p, _ in corpus])
+        responses = [r + [tok.eos_token_id] for r in encode_prompts(tok, [r for _, r in corpus])]
+        scores = toy_task.rewards([p for p, _ in corpus], [r for _, r in corpus])
+        labels = to_bins(scores, bin_edges(scores, n_bins))
+        base = add_condition_rows(
+            model, len(toy_task.objectives) * n_bins, torch.Generator().manual_seed(seed)
+        )
+
+        def trainer(**kw) -> pl.Trainer:
+            return pl.Trainer(
+                accelerator="cpu",
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                enable_progress_bar=False,
+                **kw,
+            )
+
+        def ctx_fit(module, data, collate_fn, cfg) -> None:
+            fit(module, data, collate_fn, trainer, cfg.batch_size, cfg.max_steps, None, seed=seed)
+
+        ctx = SimpleNamespace(reference=SimpleNamespace(tokenizer=tok), fit=ctx_fit)
+        method = RiCMethod(bins=n_bins, lr=3e-3, warmup_steps=0, batch_size=64)
+        method._fit(ctx, model, conditioned_prompts(prompts, labels, base, n_bins), responses, 300)
+        model.eval()
+
+        eval_prompts = encode_prompts(tok, toy_task.prompts("eval", 256, seed))
+
+        def humour_when_asked_for(b: int) -> torch.Tensor:
+            goal = torch.ones(len(toy_task.objectives), dtype=torch.long)  # the others: middle bin
+            goal[humour] = b
+            lm = ScoreConditionedLM(model, condition_ids(goal, base, n_bins).tolist(), base)
+            batch = sample(MixedPolicy.single(Policy("ric", lm, tok)), eval_prompts, toy_task.max_new_tokens)
+            return toy_task.rewards(decode_prompts(tok, batch), decode_responses(tok, batch))[:, humour]
+
+        torch.manual_seed(seed)
+        high, low = humour_when_asked_for(n_bins - 1), humour_when_asked_for(0)
+    finally:
+        torch.set_num_threads(threads)
+    gap = float(high.mean() - low.mean())
+    stderr = float((high.var() / len(high) + low.var() / len(low)).sqrt())
+    assert gap > 0.25 and gap > 5 * stderr, (float(high.mean()), float(low.mean()), stderr)
+
+
 def test_ric_runs_and_its_model_serves_every_weight_setting(smoke_cfg, tmp_path):
+    """Fixed weights, then MPO's lambda, read out of one cached model. Neither is uniform: uniform
+    weights put every objective at the top bin, which a readout ignoring the weights also gives."""
     small = ["method=ric", "method.steps=5", "method.online_steps=3", "method.online_samples=32"]
-    res = run_pipeline(smoke_cfg(*small), tmp_path / "uniform")
-    objectives = res["objectives"]
-    assert res["method"] == "ric" and res["method_policies"] == ["ric"]
-    assert set(res["policies"]["ric"]) >= {
+    res = run_pipeline(smoke_cfg(*small, "method.weights=[0.2,0.5,0.3]"), tmp_path / "fixed")
+    objectives, row = res["objectives"], "ric_0.20_0.50_0.30"
+    assert res["method"] == "ric" and res["method_policies"] == [row]
+    assert set(res["policies"][row]) >= {
         "reward",
         "win_rate",
         "min_win_rate",
@@ -107,18 +171,24 @@ def test_ric_runs_and_its_model_serves_every_weight_setting(smoke_cfg, tmp_path)
         "min_reward_z",
         "kl",
     }
-    assert res["policies"]["ric"]["kl"] > 0.01
-    assert res["ric"]["target_bins"] == dict.fromkeys(objectives, 9)
+    assert res["policies"][row]["kl"] > 0.01
+    # the L-inf map by hand (3 objectives, 10 bins): the largest weight at the top (9), the others at
+    # round(min(3 w_i, 1) * 9): 0.2 -> round(5.4) = 5, 0.3 -> round(8.1) = 8
+    assert res["ric"]["target_bins"] == dict(zip(objectives, [5, 9, 8], strict=True))
     assert 0 < res["ric"]["online_kept"] <= res["ric"]["online_samples"] == 32
     stages = ["ric/scoring", "ric/sft", "ric/augment", "ric/online_sft"]
     own = [*(f"rm/{o}" for o in objectives), *stages]  # scores from reward models, not the oracle
-    assert res["policy_costs"]["ric"] == {"total": ["preferences", *own], "post_processing": own}
+    assert res["policy_costs"][row] == {"total": ["preferences", *own], "post_processing": own}
     assert res["cost"]["ric/sft"]["tokens_bwd"] > 0 and res["cost"]["ric/augment"]["tokens_bwd"] == 0
     assert res["cost"]["ric/augment"]["tokens_fwd"] > 0  # sampling and rescoring are paid for
     lam = run_pipeline(smoke_cfg(*small, "method.weights=mpo", "method.mpo.bootstrap=0"), tmp_path / "mpo")
     assert lam["method_policies"] == ["ric_mpo_lambda"]
     assert all(lam["cost"][s]["reused"] for s in stages)  # the same model, read out at MPO's lambda
-    assert lam["ric"]["target_bins"] == dict(zip(objectives, desired_bins(lam["lambda"], 10), strict=True))
+    lam_w = lam["lambda"]
+    best = max(range(len(lam_w)), key=lam_w.__getitem__)
+    want = [9 if i == best else round(min(3 * x, 1.0) * 9) for i, x in enumerate(lam_w)]
+    assert min(want) < 9  # MPO's lambda here is far from uniform, so the bins show which weights were used
+    assert lam["ric"]["target_bins"] == dict(zip(objectives, want, strict=True))
     assert "mpo_decoded/bsmd" in lam["policy_costs"]["ric_mpo_lambda"]["total"]
 
 
@@ -130,13 +200,14 @@ def test_ric_through_the_real_model_path_with_lora(smoke_cfg, tmp_path):
     data = make_local_assets(tmp_path)
     cfg = smoke_cfg(
         *local_hf_overrides(tmp_path, data),
-        "+model.lora={r: 4, lora_alpha: 8, target_modules: [c_attn]}",
+        "+model.lora={r: 4, alpha: 8, target_modules: [c_attn]}",
         "method=ric",
+        "method.weights=[0.3,0.7]",
         "method.steps=5",
         "method.online_steps=3",
         "method.online_samples=16",
     )
     res = run_pipeline(cfg, tmp_path / "run")
-    assert res["objectives"] == ["a", "b"] and res["method_policies"] == ["ric"]
-    assert res["ric"]["target_bins"] == {"a": 9, "b": 9}
-    assert abs(res["policies"]["ric"]["kl"]) > 1e-4
+    assert res["objectives"] == ["a", "b"] and res["method_policies"] == ["ric_0.30_0.70"]
+    assert res["ric"]["target_bins"] == {"a": 5, "b": 9}  # round(min(2 * 0.3, 1) * 9) = 5; b on top
+    assert abs(res["policies"]["ric_0.30_0.70"]["kl"]) > 1e-4
