@@ -353,7 +353,7 @@ class RiCMethod(Method):
                     policy,
                     [prompts[i] for i in rows],
                     ctx.task.max_new_tokens,
-                    ctx.batch_size,
+                    ctx.sample_batch_size,
                     meter=ctx.meter,
                 )
             )
