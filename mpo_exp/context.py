@@ -51,7 +51,7 @@ class StageKind:
 #: every kind of artifact a run caches (``cached_stage`` refuses any other)
 STAGE_KINDS: dict[str, StageKind] = {
     "sft": StageKind(1, trains=True),
-    "pairs": StageKind(1, samples=True),
+    "pairs": StageKind(2, samples=True),  # 2: pi_ref's log-probs are the sampler's own (fp32)
     "dpo": StageKind(1, trains=True),
     "mpo_scores": StageKind(1, samples=True),
     "mpo_decoded": StageKind(1, samples=True),
@@ -293,9 +293,11 @@ class RunContext:
                     self.seed,
                     self.meter,
                     self.sample_batch_size,
+                    with_logprobs=self.dtype == "float32",  # bf16 decoding != bf16 scoring (~0.3 nats)
                 )
             with self.meter.stage("dpo/ref_logp"):  # only DPO reads them: charged to DPO's methods
-                pairs.score_reference(ref, self.batch_size, self.meter)
+                if pairs.ref_logp_a is None:
+                    pairs.score_reference(ref, self.batch_size, self.meter)
             pairs.save(tmp)
 
         art = self.cached_stage("preferences", "pairs", spec, build, stages=("preferences", "dpo/ref_logp"))

@@ -4,8 +4,9 @@ The label for objective k is a Bradley–Terry draw, P(a > b) = sigmoid((r_k(a) 
 T (``bt_temperature``) is the label noise (T -> 0: the oracle's ranking, larger T: noisier).
 Exact reward ties carry no preference and are dropped by default. The same response pairs are
 labelled once per objective, as in HH-RLHF's per-attribute labels. pi_ref's log-probs of the
-pairs, which only DPO needs, are scored separately (:meth:`PairSet.score_reference`) so that
-their cost is charged to the methods that use them.
+pairs, which only DPO needs, are the sampler's own (``with_logprobs``, read while decoding: no
+second pass) where they agree with teacher-forced scoring (fp32), else scored separately
+(:meth:`PairSet.score_reference`), so that their cost is charged to the methods that use them.
 """
 
 from __future__ import annotations
@@ -99,13 +100,17 @@ def build_pairs(
     seed: int,
     meter: CostMeter | None = None,
     batch_size: int = 256,
+    with_logprobs: bool = False,
 ) -> PairSet:
+    """``with_logprobs``: keep the sampler's own log-probs as pi_ref's (``ref_logp_a/b``)."""
     tok = ref.tokenizer
     prompts = encode_prompts(tok, task.prompts("train", n_prompts, seed))
-    a = sample(ref, prompts, task.max_new_tokens, batch_size, meter=meter, desc="sampling pairs (a)")
-    b = sample(ref, prompts, task.max_new_tokens, batch_size, meter=meter, desc="sampling pairs (b)")
+    kw = dict(meter=meter, with_logprobs=with_logprobs)
+    a = sample(ref, prompts, task.max_new_tokens, batch_size, desc="sampling pairs (a)", **kw)
+    b = sample(ref, prompts, task.max_new_tokens, batch_size, desc="sampling pairs (b)", **kw)
+    (a, logp_a), (b, logp_b) = (a, b) if with_logprobs else ((a, None), (b, None))
     text_prompts = decode_prompts(tok, a)
     r_a = task.rewards(text_prompts, decode_responses(tok, a))
     r_b = task.rewards(text_prompts, decode_responses(tok, b))
     a_wins, tie = bradley_terry_labels(r_a, r_b, bt_temperature, torch.Generator().manual_seed(seed))
-    return PairSet(a, b, r_a, r_b, a_wins, tie)
+    return PairSet(a, b, r_a, r_b, a_wins, tie, logp_a, logp_b)

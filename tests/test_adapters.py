@@ -140,8 +140,15 @@ def test_mixed_adapter_decoding_samples_like_the_merged_mixture(bank_and_merged,
         temperature=0.8,
     )
     torch.manual_seed(3)
-    b = sample(MixedPolicy("m", merged, w), prompts * 4, 10, temperature=0.8)
+    b, logp = sample(MixedPolicy("m", merged, w), prompts * 4, 10, temperature=0.8, with_logprobs=True)
     assert torch.equal(a.response_ids, b.response_ids)
+    # the adapter decoder's own log-probs are the mixture's at T, as the K-model decoder's are
+    torch.manual_seed(3)
+    views_pol = MixedPolicy("v", [Policy(f"v{i}", v, tok) for i, v in enumerate(views)], w)
+    _, own = sample(views_pol, prompts * 4, 10, temperature=0.8, with_logprobs=True)
+    torch.testing.assert_close(own, logp, atol=1e-4, rtol=0)
+    scored = score_sequences([m.model for m in merged], w, b, temperature=0.8)
+    torch.testing.assert_close(own, scored, atol=1e-4, rtol=0)
 
 
 def test_lambda_from_adapters_equals_lambda_from_merged_models(bank_and_merged, samples):

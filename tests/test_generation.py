@@ -153,3 +153,23 @@ def test_sample_rejects_a_non_positive_temperature(saved_policies):
     policy = saved_policies[0]
     with pytest.raises(ValueError, match="temperature"):
         sample(MixedPolicy.single(policy), encode_prompts(policy.tokenizer, PROMPTS[:1]), 2, temperature=0.0)
+
+
+@pytest.mark.parametrize(("weights", "temperature"), [([1.0], 1.0), ([0.2, 0.5, 0.3], 0.7)])
+def test_the_samplers_own_log_probs_are_the_scored_ones(saved_policies, weights, temperature):
+    """with_logprobs: the same samples (same random stream), and each response's log-prob under the
+    distribution it was drawn from equals teacher-forced scoring at that temperature (fp32)."""
+    from mpo_exp.scoring import score_sequences
+
+    policies = saved_policies[: len(weights)]
+    pol = MixedPolicy("m", policies, weights) if len(weights) > 1 else MixedPolicy.single(policies[0])
+    prompts = encode_prompts(policies[0].tokenizer, PROMPTS * 6)
+    n = 40  # long enough that some rows draw EOS: the mask matters
+    torch.manual_seed(5)
+    plain = sample(pol, prompts, n, batch_size=16, temperature=temperature)
+    torch.manual_seed(5)
+    batch, logp = sample(pol, prompts, n, batch_size=16, temperature=temperature, with_logprobs=True)
+    assert batch.responses() == plain.responses()
+    assert (batch.response_mask.sum(-1) < n).any()
+    scored = score_sequences(*pol.live, batch, temperature=temperature)
+    torch.testing.assert_close(logp, scored, atol=1e-4, rtol=0)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mpo_exp.pipeline import run_pipeline
 
@@ -261,3 +262,16 @@ def test_a_killed_sweep_resumes_and_reports_the_same(tmp_path):
     clean = tmp_path / "clean"
     assert _cli([*args, f"hydra.sweep.dir={clean}"], tmp_path).returncode == 0
     assert build_report(killed, plots=False)["table1"] == build_report(clean, plots=False)["table1"]
+
+
+def test_the_pairs_reference_log_probs_are_the_samplers_own_and_equal_scoring(smoke_cfg, tmp_path):
+    """fp32: pi_ref's log-probs of the pairs come from decoding (no second pass) and equal
+    teacher-forced scoring; the dpo/ref_logp stage then forwards nothing."""
+    from mpo_exp.context import RunContext
+    from mpo_exp.scoring import score_sequences
+
+    ctx = RunContext(smoke_cfg(), tmp_path)
+    pairs, ref = ctx.pairs, ctx.reference
+    for batch, logp in ((pairs.a, pairs.ref_logp_a), (pairs.b, pairs.ref_logp_b)):
+        torch.testing.assert_close(logp, score_sequences(*ref.live, batch), atol=1e-4, rtol=0)
+    assert ctx.meter.stages["dpo/ref_logp"].tokens_fwd == 0
