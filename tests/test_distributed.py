@@ -268,6 +268,8 @@ def _fake_context(task, policies, cache: Path):
         seed=0,
         task=task,
         batch_size=5,  # several sampling/scoring batches per shard
+        sample_batch_size=5,
+        dtype="float32",
         meter=_RankCostMeter(),
         store=ArtifactStore(cache),
         keys={"sft": "ref", **{f"dpo/{p.name}": p.name for p in singles}},

@@ -113,28 +113,35 @@ def score_samples(
         rows = [(p, i) for p in encode_prompts(ref.tokenizer, prompts) for i in sources]
         mine = list(dist.shard(rows))  # this rank's contiguous (prompt, sample) rows; all in one process
         samplers = [ref, *(MixedPolicy.single(pi) for pi in singles.values())]
-        batches, order = [], []
+        # pi_ref's own log-probs come from decoding where they equal scoring (fp32, pi_ref samples only)
+        own = proposal == "reference" and ctx.dtype == "float32"
+        batches, order, ref_logp = [], [], []
         with ctx.meter.stage(f"{prefix}sampling"):
             for i, policy in enumerate(samplers):
                 idx = [r for r, (_, src) in enumerate(mine) if src == i]
                 if not idx:
                     continue
                 who = "pi_ref" if i == 0 else policy.name
-                batches.append(
-                    sample(
-                        policy,
-                        [mine[r][0] for r in idx],
-                        ctx.task.max_new_tokens,
-                        ctx.sample_batch_size,
-                        meter=ctx.meter,
-                        desc=f"MPO: sampling from {who}",
-                    )
+                drawn = sample(
+                    policy,
+                    [mine[r][0] for r in idx],
+                    ctx.task.max_new_tokens,
+                    ctx.sample_batch_size,
+                    meter=ctx.meter,
+                    desc=f"MPO: sampling from {who}",
+                    with_logprobs=own,
                 )
+                if own:
+                    drawn, logp_ref = drawn
+                    ref_logp.append(logp_ref)
+                batches.append(drawn)
                 order += idx
         batch = batches[0] if len(batches) == 1 else SequenceBatch.concat(batches, ref.tokenizer.pad_token_id)
         with ctx.meter.stage(f"{prefix}scoring"):
-            models = [ref.policies[0].model, *(pi.model for pi in singles.values())]
-            logp = score_policies(models, batch, ctx.batch_size, ctx.meter, desc="MPO: scoring pi_ref, pi_k")
+            models = [*([] if own else [ref.policies[0].model]), *(pi.model for pi in singles.values())]
+            logp = score_policies(models, batch, ctx.batch_size, ctx.meter, desc="MPO: scoring pi_k")
+            if own:
+                logp = torch.cat([torch.cat(ref_logp).unsqueeze(1).to(logp), logp], dim=1)
         logp = logp[torch.argsort(torch.tensor(order))]  # back to (prompt, sample) row order
         logp = dist.gather_cat(logp)  # every rank's rows in rank order: the single-process row order
         ell = (logp[:, 1:] - logp[:, :1]).reshape(n_prompts, samples_per_prompt, len(singles))
