@@ -72,6 +72,31 @@ POSITIVE_FLOATS = [
     "eval.temperature",
 ]
 NON_NEGATIVE_FLOATS = ["preferences.bt_temperature", "dpo.lora.dropout"]
+#: the training modules' own settings, checked before any stage (the modules would read them only
+#: once their stage starts, after everything before it was built); absent fields are skipped
+OPTIONAL_RANGES = {
+    **{f"{g}.module.warmup_steps": "int>=0" for g in ("sft", "dpo", "reward_model")},
+    **{f"{g}.module.weight_decay": ">=0" for g in ("sft", "dpo", "reward_model")},
+    "rl.module.ppo_epochs": "int>=1",
+    "rl.module.minibatches": "int>=1",
+    "rl.module.rloo_k": "int>=2",  # a leave-one-out baseline needs another sample
+    "rl.module.clip_range": ">0",
+    "rl.module.clip_range_value": ">0",
+    "rl.module.max_grad_norm": ">0",
+    "rl.module.vf_coef": ">=0",
+    "rl.module.gamma": "[0,1]",
+    "rl.module.lam": "[0,1]",
+    "reward_model.heldout_fraction": "[0,1)",
+}
+_RANGE_TESTS = {
+    "int>=0": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "int>=1": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "int>=2": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    ">0": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    ">=0": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "[0,1]": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "[0,1)": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+}
 CHOICES = {
     "rl.module.estimator": ("ppo", "rloo"),
     # MODPO's margin / RiC's scores: reward models or the implicit rewards beta*log pi_k/pi_ref
@@ -351,6 +376,11 @@ def validate_config(cfg: DictConfig, check_paths: bool = True) -> None:
         value = _get(cfg, field)
         if not (_is_int(value) and value >= 0):
             raise ConfigError(f"{field} must be a non-negative integer, got {field}={value!r}")
+    for field, rule in OPTIONAL_RANGES.items():
+        value = OmegaConf.select(cfg, field)
+        ok, what = _RANGE_TESTS[rule]
+        if value is not None and not ok(value):
+            raise ConfigError(f"{field} must be {what}, got {field}={value!r}")
     _check_lora(cfg, "model.lora")
     _check_lora(cfg, "dpo.lora")
     threads = OmegaConf.select(cfg, "num_threads")

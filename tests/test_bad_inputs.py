@@ -59,6 +59,14 @@ BAD = [
     (["beta=inf"], "must be a finite number"),
     (["eval.temperature=nan"], "eval.temperature"),
     (["eval.temperature=0"], "eval.temperature"),  # the sampler's own check came after every stage
+    # the training modules' settings: read only when their stage starts, so checked up front
+    (["reward_model.module.warmup_steps=-3"], "reward_model.module.warmup_steps must be an integer >= 0"),
+    (["rl.module.clip_range=-1"], "rl.module.clip_range must be a number > 0"),
+    (["rl.module.rloo_k=1"], "rl.module.rloo_k must be an integer >= 2"),
+    (["rl.module.lam=1.5"], "rl.module.lam must be a number in [0, 1]"),
+    (["dpo.module.weight_decay=-0.1"], "dpo.module.weight_decay must be a number >= 0"),
+    (["sampling_batch_size=0"], "sampling_batch_size"),
+    (["dpo.lora.r=4", "dpo.lora.target_modules=[c_atn]"], "dpo.lora.target_modules: 'c_atn' is no module"),
     (["beta=0"], "beta must be a number > 0"),
     (["beta=-1"], "beta must be a number > 0"),
     (["seed=true"], "seed must be a non-negative integer"),
