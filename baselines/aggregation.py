@@ -65,6 +65,8 @@ class RewardAggregator:
         from baselines.reward_model import score_with_rm
 
         raw = torch.stack([score_with_rm(m, batch, meter=self.meter) for m in self.models], dim=-1)
+        if self.normalizer.per_prompt:  # each response's shift is its prompt's (by token ids)
+            return self.normalizer(raw, batch.to("cpu").prompts())
         return self.normalizer(raw)
 
     def __call__(self, batch: SequenceBatch) -> tuple[torch.Tensor, dict[str, float]]:

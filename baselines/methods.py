@@ -13,9 +13,10 @@ from baselines.aggregation import RewardAggregator
 from baselines.em import em_user_groups, purity
 from baselines.normalization import Normalizer, check_normalization
 from baselines.reward_model import RewardModel, bt_loss, reference_scores, reward_models, score_with_rm
-from baselines.rl import train_rl_policy
+from baselines.rl import rl_train_prompts, train_rl_policy
 from baselines.soups import average_state_dicts
 from mpo_exp.adapters import full_model
+from mpo_exp.generation import encode_prompts
 from mpo_exp.methods import Method, MethodOutput, PolicyCost, dpo_policies_cost
 from mpo_exp.mpo.mixing import MixedPolicy
 from mpo_exp.mpo.user_weights import check_user_weights, resolve_user_weights
@@ -38,7 +39,16 @@ def _normalizer(ctx: RunContext, rms: list[RewardModel], keys: list[str], how: s
     if how == "none":  # nothing to fit: no pi_ref samples are drawn or paid for
         k = len(rms)
         return Normalizer("none", torch.zeros(k), torch.ones(k), [{} for _ in rms])
-    return Normalizer.fit(reference_scores(ctx, [r.model for r in rms], keys), how, ctx.beta)
+    models = [r.model for r in rms]
+    if how != "partition_prompt":
+        return Normalizer.fit(reference_scores(ctx, models, keys), how, ctx.beta)
+    # one shift per distinct RL training prompt, looked up by token ids in the reward function
+    texts = rl_train_prompts(ctx)
+    by_ids: dict[tuple[int, ...], str] = {}
+    for ids, text in zip(encode_prompts(ctx.reference.tokenizer, texts), texts, strict=True):
+        by_ids.setdefault(tuple(ids), text)
+    scores = reference_scores(ctx, models, keys, prompts=list(by_ids.values()))
+    return Normalizer.fit(scores, how, ctx.beta, prompts=list(by_ids))
 
 
 def _rm_summary(rms: list[RewardModel], normalizer: Normalizer) -> dict:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
+from mpo_exp.artifacts import config_key
 from mpo_exp.cost import CostMeter, n_params
 from mpo_exp.data import PreferenceBatch, PreferenceDataset, SequenceBatch
 from mpo_exp.generation import encode_prompts, sample
@@ -153,15 +154,23 @@ def reward_models(ctx: RunContext) -> dict[str, RewardModel]:
     return out
 
 
-def reference_scores(ctx: RunContext, models: Sequence[PreTrainedModel], keys: Sequence[str]) -> torch.Tensor:
+def reference_scores(
+    ctx: RunContext,
+    models: Sequence[PreTrainedModel],
+    keys: Sequence[str],
+    prompts: Sequence[str] | None = None,
+) -> torch.Tensor:
     """Reward-model scores of π_ref samples, (N prompts, m samples, K): what normalisation is fitted on.
 
-    ``keys`` identify the reward models (artifact keys); the scores are cached with them.
+    ``keys`` identify the reward models (artifact keys); the scores are cached with them. The N
+    prompts are ``reward_model.normalizer.n_prompts`` training prompts, or the given ``prompts``
+    (the per-prompt normalisation's: every distinct prompt RL trains on), keyed by their digest.
     Sampling is charged to ``rm/ref_samples`` and scoring to ``rm/normalizer``: costs of the RL
     baselines only.
     """
     cfg = ctx.cfg.reward_model.normalizer
-    n, m = int(cfg.n_prompts), int(cfg.samples_per_prompt)
+    m = int(cfg.samples_per_prompt)
+    n = int(cfg.n_prompts) if prompts is None else len(prompts)
     spec = {
         "ref": ctx.keys["sft"],
         "reward_models": list(keys),
@@ -170,17 +179,20 @@ def reference_scores(ctx: RunContext, models: Sequence[PreTrainedModel], keys: S
         "max_new_tokens": ctx.task.max_new_tokens,
         "seed": ctx.seed,
     }
+    if prompts is not None:  # absent for the default prompts: their cache keys stay as they were
+        spec["prompts"] = config_key(list(prompts))
 
     def build(tmp: Path) -> None:
         ctx.reseed(4)
         ref = ctx.reference
-        prompts = encode_prompts(ref.tokenizer, ctx.task.prompts("train", n, ctx.seed + 7))
+        texts = ctx.task.prompts("train", n, ctx.seed + 7) if prompts is None else list(prompts)
+        encoded = encode_prompts(ref.tokenizer, texts)
         with ctx.meter.stage("rm/ref_samples"):
             batch = sample(
                 ref,
-                [p for p in prompts for _ in range(m)],
+                [p for p in encoded for _ in range(m)],
                 ctx.task.max_new_tokens,
-                ctx.batch_size,
+                ctx.sample_batch_size,
                 meter=ctx.meter,
                 desc="reward normalisation: sampling pi_ref",
             )

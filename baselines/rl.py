@@ -20,6 +20,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def rl_train_prompts(ctx: RunContext) -> list[str]:
+    """The prompts the RL stage trains on, in order (one per rollout row, repeats included):
+    also what the per-prompt normalisation (``partition_prompt``) is fitted on."""
+    cfg = ctx.cfg.rl
+    return ctx.task.prompts("train", int(cfg.iterations) * int(cfg.batch_size), ctx.seed + 5)
+
+
 def train_rl_policy(
     ctx: RunContext, name: str, spec: dict, make_reward_fn: Callable[[], RewardFn]
 ) -> tuple[Policy, list[dict]]:
@@ -45,8 +52,7 @@ def train_rl_policy(
             beta=ctx.beta,
             max_new_tokens=ctx.task.max_new_tokens,
         )
-        n = int(cfg.iterations) * int(cfg.batch_size)
-        prompts = encode_prompts(policy.tokenizer, ctx.task.prompts("train", n, ctx.seed + 5))
+        prompts = encode_prompts(policy.tokenizer, rl_train_prompts(ctx))
         log.info(
             "RL (%s, %s) for %d iterations of %d prompts, beta=%s",
             name,

@@ -108,25 +108,140 @@ def test_normalizers_by_hand():
         Normalizer.fit(scores, "rank", beta)
 
 
-@pytest.mark.parametrize(("how", "matches"), [("partition", True), ("none", True), ("zscore", False)])
-def test_morlhf_closed_form_is_the_fixed_weight_mixture_only_on_the_bt_scale(how, matches):
-    """KL-regularised optimum of sum_k w_k r~_k at beta vs prod_k pi_k^{w_k}, pi_k ∝ pi_ref exp(r_k/beta).
+def _exact_ref_samples(rewards: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Response i repeated counts[i] times: a sample mean over them is E_{pi_ref} exactly, with
+    pi_ref(i) = counts[i] / counts.sum(). rewards (n, K) -> (counts.sum(), K)."""
+    return rewards.repeat_interleave(counts, dim=0)
 
-    Reward models are BT rewards up to an offset each: the partition shift (and raw scores) keep
-    the optimum; z-scoring divides objective k by sigma_k (a different effective beta per objective).
+
+@pytest.mark.parametrize(
+    ("how", "morlhf_matches", "min_matches"),
+    [
+        ("partition", True, True),
+        ("partition_prompt", True, True),
+        ("none", True, False),
+        ("zscore", False, False),
+    ],
+)
+def test_normalised_rewards_give_morlhf_the_fixed_weight_mixture_and_maxmin_mpos_min(
+    how, morlhf_matches, min_matches
+):
+    """Reward models are BT rewards up to an offset each (5, -2, 0.7 here).
+
+    MORLHF: the KL-regularised optimum of sum_k w_k r~_k at beta vs prod_k pi_k^{w_k}, where
+    pi_k ∝ pi_ref exp(r_k/beta). A constant per objective does not move it, so raw scores pass
+    too; z-scoring divides objective k by sigma_k (another effective beta per objective) and fails.
+    MaxMin-RLHF: a min over objectives is MPO's max-min problem only if r~_k is
+    beta*log(pi_k/pi_ref) — the offsets must go (raw scores fail) at the BT scale (z-scores fail).
     """
     g = torch.Generator().manual_seed(0)
     beta, n_resp, k = 0.5, 12, 3
-    log_ref = torch.log_softmax(torch.randn(n_resp, generator=g, dtype=torch.float64), 0)
+    counts = torch.randint(1, 5, (n_resp,), generator=g)
+    log_ref = torch.log(counts.double() / counts.sum())
     r = torch.randn(n_resp, k, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.3])
     rm = r + torch.tensor([5.0, -2.0, 0.7])  # each reward model's arbitrary offset
     w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     log_pi_k = torch.log_softmax(log_ref.unsqueeze(-1) + r / beta, 0)
     mixture = torch.log_softmax(log_pi_k @ w, 0)
-    samples = rm[torch.multinomial(log_ref.exp(), 4000, replacement=True, generator=g)].reshape(40, 100, k)
-    norm = Normalizer.fit(samples, how, beta)
-    optimum = torch.log_softmax(log_ref + weighted_sum(norm(rm), w.tolist()) / beta, 0)
-    assert torch.allclose(optimum, mixture, atol=1e-9) == matches
+    prompt = [[7, 3]]  # one prompt (its token ids), for the per-prompt normaliser
+    norm = Normalizer.fit(_exact_ref_samples(rm, counts).unsqueeze(0), how, beta, prompts=prompt)
+    normalised = norm(rm, prompt * n_resp)
+    optimum = torch.log_softmax(log_ref + weighted_sum(normalised, w.tolist()) / beta, 0)
+    assert torch.allclose(optimum, mixture, atol=1e-9) == morlhf_matches
+    implicit = beta * (log_pi_k - log_ref.unsqueeze(-1))  # what MPO's pi_k say about each response
+    assert torch.allclose(sample_min(normalised), sample_min(implicit), atol=1e-9) == min_matches
+    assert torch.allclose(normalised, implicit, atol=1e-9) == min_matches
+
+
+def _contextual_bandit(n_prompts: int = 6, n_resp: int = 8, k: int = 3, beta: float = 0.5):
+    """Prompts with their own pi_ref and BT rewards; reward models add an offset per prompt and
+    objective (the BT loss only compares responses to the same prompt, so nothing pins it)."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(1, 5, (n_resp,), generator=g)
+    counts = torch.stack([base[torch.randperm(n_resp, generator=g)] for _ in range(n_prompts)])
+    log_ref = torch.log(counts.double() / counts.sum(-1, keepdim=True))  # (N, n)
+    r = torch.randn(n_prompts, n_resp, k, generator=g, dtype=torch.float64)
+    offsets = 2.0 * torch.randn(n_prompts, 1, k, generator=g, dtype=torch.float64)
+    rm = r + offsets
+    implicit = beta * (torch.log_softmax(log_ref.unsqueeze(-1) + r / beta, 1) - log_ref.unsqueeze(-1))
+    samples = torch.stack([_exact_ref_samples(rm[i], counts[i]) for i in range(n_prompts)])
+    prompts = [[5] * (1 + i % 3) + [10 + i] for i in range(n_prompts)]  # unequal lengths: padded
+    return beta, rm, implicit, samples, prompts
+
+
+def test_per_prompt_partition_removes_per_prompt_offsets_the_global_shift_keeps():
+    beta, rm, implicit, samples, prompts = _contextual_bandit()
+    n_prompts, n_resp, k = rm.shape
+    rows = [p for p in prompts for _ in range(n_resp)]
+    per_prompt = Normalizer.fit(samples, "partition_prompt", beta, prompts=prompts)
+    glob = Normalizer.fit(samples, "partition", beta)
+    target = implicit.reshape(-1, k)
+    exact = per_prompt(rm.reshape(-1, k), rows)
+    torch.testing.assert_close(exact, target, atol=1e-9, rtol=0)  # r~_k = beta log pi_k/pi_ref
+    approx = glob(rm.reshape(-1, k))
+    assert not torch.allclose(sample_min(approx), sample_min(target), atol=0.1)
+    assert (approx.argmin(-1) != target.argmin(-1)).any()  # the global shift picks wrong minima
+    # both report the same per-prompt statistics; the spread is what the global shift leaves in
+    assert per_prompt.stats == glob.stats
+    spread = partition_shift(samples, beta).std(0)
+    assert per_prompt.stats[0]["partition_shift_prompt_std"] == pytest.approx(float(spread[0]))
+    # the global option's spec (an RL policy's cache key) is as before; the per-prompt one has the table
+    assert set(glob.spec()) == {"how", "shift", "scale"}
+    other = Normalizer.fit(samples.flip(0), "partition_prompt", beta, prompts=prompts)
+    assert per_prompt.spec()["prompt_shift"] != other.spec()["prompt_shift"]
+    with pytest.raises(KeyError, match="not among"):
+        per_prompt(rm[0], [[99]] * n_resp)
+    with pytest.raises(ValueError, match="token ids"):
+        per_prompt(rm[0])
+    with pytest.raises(ValueError, match="token ids"):
+        Normalizer.fit(samples, "partition_prompt", beta)
+
+
+def test_reward_aggregator_looks_up_each_rollouts_prompt_by_its_token_ids(monkeypatch):
+    """The RL reward function sees only a padded batch: the shift must follow each row's prompt."""
+    from mpo_exp.data import collate
+
+    beta, rm, implicit, samples, prompts = _contextual_bandit()
+    n_prompts, n_resp, k = rm.shape
+    norm = Normalizer.fit(samples, "partition_prompt", beta, prompts=prompts)
+    order = torch.randperm(n_prompts * n_resp, generator=torch.Generator().manual_seed(2))
+    pairs = [(int(i) // n_resp, int(i) % n_resp) for i in order]  # shuffled (prompt, response) rows
+    batch = collate([prompts[x] for x, _ in pairs], [[4, 4 + y] for _, y in pairs], pad_id=0)
+    monkeypatch.setattr("baselines.reward_model.score_with_rm", lambda model, b, meter=None: model(b))
+
+    def reward_model(j: int):  # reads back rm[x, y, j] from the rows' token ids
+        return lambda b: torch.stack(
+            [rm[prompts.index(p), r[1] - 4, j] for p, r in zip(b.prompts(), b.responses(), strict=True)]
+        )
+
+    agg = RewardAggregator([reward_model(j) for j in range(k)], list("abc"), norm, "sample_min")
+    scores, _ = agg(batch)
+    want = torch.stack([implicit[x, y].min() for x, y in pairs])
+    torch.testing.assert_close(scores, want, atol=1e-9, rtol=0)
+
+
+def test_per_prompt_normalisation_fits_on_the_rl_training_prompts(smoke_cfg, tmp_path):
+    """End to end: one shift per distinct RL training prompt, every rollout's prompt found."""
+    from mpo_exp.pipeline import run_pipeline
+
+    cfg = smoke_cfg(
+        "method=maxmin_rlhf", "method.variants=[sample_min]", "method.normalization=partition_prompt"
+    )
+    res = run_pipeline(cfg, tmp_path / "run")
+    assert res["reward_normalization"] == "partition_prompt"
+    assert res["policy_costs"]["maxmin_rlhf_sample_min"]["total"][-3:] == [
+        "rm/ref_samples",
+        "rm/normalizer",
+        "rl/maxmin_rlhf_sample_min",
+    ]
+    (scores,) = (tmp_path / "cache").glob("rm_reference_scores/**/scores.pt")
+    n_rl = int(cfg.rl.iterations) * int(cfg.rl.batch_size)
+    from mpo_exp.tasks.toy import ToyTask
+
+    distinct = set(ToyTask().prompts("train", n_rl, int(cfg.seed) + 5))
+    assert torch.load(scores).shape == (len(distinct), int(cfg.reward_model.normalizer.samples_per_prompt), 3)
+    for stats in res["reward_models"].values():
+        assert stats["partition_shift_prompt_std"] > 0
 
 
 def test_group_min_follows_the_worst_objective_across_batches():
