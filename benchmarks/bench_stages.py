@@ -193,6 +193,9 @@ def markdown(res: dict) -> str:
             f"| {r['model']} | {r['dtype']} | {r['stage']} | {r['batch']} | {r['tokens_per_s']:.0f} | "
             f"{r['gflops_per_s']:.1f} | {100 * r['gflops_per_s'] / peak:.1f} | {r['peak_rss_gb']:.2f} |"
         )
+    for r in res.get("failed", []):
+        what = f"| {r['model']} | {r['dtype']} | {r['stage']} | {r['batch']} |"
+        lines.append(f"{what} failed: {r['error']} | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -216,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         args.model, args.batches, args.rows, args.new_tokens = "tiny", "8,16", 32, 8
     torch.set_num_threads(args.threads)
     dtypes = args.dtypes.split(",")
-    res: dict = {"threads": args.threads, "ceiling_gflops": {}, "runs": []}
+    res: dict = {"threads": args.threads, "ceiling_gflops": {}, "runs": [], "failed": []}
     for d in dtypes:
         res["ceiling_gflops"][d] = matmul_gflops(getattr(torch, d), seconds=0.5 if args.tiny else 2.0)
         print(f"matmul {d}: {res['ceiling_gflops'][d]:.0f} GFLOP/s", flush=True)
@@ -238,8 +241,11 @@ def main(argv: list[str] | None = None) -> None:
                     text=True,
                     check=False,
                 )
-                if out.returncode != 0:
-                    raise SystemExit(f"{stage} {d} batch {b} failed:\n{out.stderr[-3000:]}")
+                if out.returncode != 0:  # e.g. killed for memory: recorded, the rest still runs
+                    why = "killed (out of memory?)" if out.returncode < 0 else out.stderr.strip()[-300:]
+                    res["failed"].append({**spec, "error": why})
+                    print(f"{args.model} {d} {stage} batch {b}: failed: {why}", flush=True)
+                    continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 res["runs"].append(r)
                 print(
