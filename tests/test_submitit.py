@@ -29,30 +29,38 @@ def _compose_with_hydra(overrides: list[str]):
         return compose("config", overrides=overrides, return_hydra_config=True)
 
 
-def test_local_sweep_runs_each_job_in_its_own_process_and_builds_shared_stages_once(tmp_path):
-    sweep, cache = tmp_path / "sweep", tmp_path / "cache"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "MPO_EXP_CACHE": str(cache)}
-    out = subprocess.run(
+def _sweep(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
+    """``mpo-exp -m experiment=smoke <overrides>`` in a subprocess, into tmp_path/sweep and tmp_path/cache."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "MPO_EXP_CACHE": str(tmp_path / "cache"),
+    }
+    return subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "mpo_exp.cli",
-            "-m",
-            "hydra/launcher=local",
-            "hydra.launcher.timeout_min=8",  # submitit kills a job past it: no hung CI run
-            "experiment=smoke",
-            "logger=wandb",
-            "seed=0",
-            "method=mpo,fixed_mix",  # same pi_ref, pairs and pi_k: both jobs need them at once
-            "num_threads=1",
+            *(sys.executable, "-m", "mpo_exp.cli", "-m", "experiment=smoke", *overrides),
             "trainer.enable_progress_bar=false",
-            f"hydra.sweep.dir={sweep}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
         timeout=540,
+    )
+
+
+def test_local_sweep_runs_each_job_in_its_own_process_and_builds_shared_stages_once(tmp_path):
+    sweep, cache = tmp_path / "sweep", tmp_path / "cache"
+    out = _sweep(
+        tmp_path,
+        "hydra/launcher=local",
+        "hydra.launcher.timeout_min=8",  # submitit kills a job past it: no hung CI run
+        "logger=wandb",
+        "seed=0",
+        "method=mpo,fixed_mix",  # same pi_ref, pairs and pi_k: both jobs need them at once
+        "num_threads=1",
     )
     submitit_logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
     assert out.returncode == 0, (out.stderr + submitit_logs)[-4000:]
@@ -80,28 +88,14 @@ def test_local_sweep_runs_each_job_in_its_own_process_and_builds_shared_stages_o
 def test_joblib_sweep_runs_two_jobs_at_once_on_shared_stages(tmp_path):
     """``hydra/launcher=joblib`` (pip install -e '.[sweep]', part of ``make install``): two jobs in
     parallel processes, each given half the cores, the shared stages built once."""
-    sweep, cache = tmp_path / "sweep", tmp_path / "cache"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "MPO_EXP_CACHE": str(cache)}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mpo_exp.cli",
-            "-m",
-            "hydra/launcher=joblib",
-            "hydra.launcher.n_jobs=2",
-            "experiment=smoke",
-            "logger=none",
-            "method=fixed_mix",
-            "eval.n_prompts=16,32",  # two jobs on the same pi_ref, pairs and pi_k
-            "trainer.enable_progress_bar=false",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
+    sweep = tmp_path / "sweep"
+    out = _sweep(
+        tmp_path,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "logger=none",
+        "method=fixed_mix",
+        "eval.n_prompts=16,32",  # two jobs on the same pi_ref, pairs and pi_k
     )
     assert out.returncode == 0, out.stderr[-4000:]
     assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr  # Hydra's joblib launcher ran them
