@@ -91,16 +91,21 @@ class Evaluator:
         temperature: float = 1.0,
         n_examples: int = 3,
         sample_batch_size: int | None = None,
+        own_logprobs: bool = False,
     ) -> None:
+        """``own_logprobs``: take each policy's log-probs from its sampler (one scoring pass fewer per
+        policy); only where decoding and teacher-forced scoring agree (fp32, tests/test_generation.py)."""
         self.task, self.ref, self.batch_size, self.temperature = task, ref, batch_size, temperature
-        self.sample_batch_size = sample_batch_size or batch_size
+        self.sample_batch_size, self.own_logprobs = sample_batch_size or batch_size, own_logprobs
         self.n_examples, self.seed = n_examples, seed
         self.prompts = encode_prompts(ref.tokenizer, task.prompts("eval", n_prompts, seed))
         self.shard = list(dist.shard(self.prompts))  # this rank's prompts (all of them in one process)
         self.baseline: torch.Tensor | None = None
         self.fingerprint: str | None = None  # of pi_ref's responses, set with the baseline
 
-    def _sample(self, policy: MixedPolicy, meter: CostMeter | None, stream: int) -> SequenceBatch:
+    def _sample(
+        self, policy: MixedPolicy, meter: CostMeter | None, stream: int, with_logprobs: bool = False
+    ) -> SequenceBatch | tuple[SequenceBatch, torch.Tensor]:
         # every policy samples with the same random stream (common random numbers), so
         # differences between policies are not drowned in sampling noise
         torch.manual_seed(self.seed * 7919 + stream)
@@ -113,6 +118,7 @@ class Evaluator:
             self.temperature,
             meter,
             desc=f"eval: sampling {policy.name}",
+            with_logprobs=with_logprobs,
         )
 
     def _rewards(self, batch: SequenceBatch) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -133,10 +139,13 @@ class Evaluator:
         return self.baseline
 
     def evaluate(self, policy: MixedPolicy, meter: CostMeter | None = None) -> PolicyEval:
-        batch = self._sample(policy, meter, stream=1)
-        rewards, prompts, responses = self._rewards(batch)
         # KL(what was sampled || pi_ref): the policy at the temperature it was sampled at, pi_ref as is
-        logp = score_sequences(*policy.live, batch, self.batch_size, meter, temperature=self.temperature)
+        if self.own_logprobs:
+            batch, logp = self._sample(policy, meter, stream=1, with_logprobs=True)
+        else:
+            batch = self._sample(policy, meter, stream=1)
+            logp = score_sequences(*policy.live, batch, self.batch_size, meter, temperature=self.temperature)
+        rewards, prompts, responses = self._rewards(batch)
         logp_ref = score_sequences(*self.ref.live, batch, self.batch_size, meter)
         examples = list(zip(prompts[: self.n_examples], responses[: self.n_examples], strict=True))
         return PolicyEval(rewards, float(dist.gather_cat(logp - logp_ref).mean()), examples)

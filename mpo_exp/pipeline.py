@@ -91,6 +91,7 @@ def run_pipeline(
             float(cfg.eval.temperature),
             int(cfg.eval.n_examples),
             sample_batch_size=ctx.sample_batch_size,
+            own_logprobs=ctx.dtype == "float32",
         )
         with ctx.meter.stage("eval/pi_ref_baseline"):
             baseline = ev.reference_rewards(ctx.meter)

@@ -143,4 +143,8 @@ def test_the_kl_column_is_of_the_distribution_sampled(toy_task, tiny_policies):
             [ref.policies[0].model], [1.0], batch
         )
         assert kls[t] == pytest.approx(float(by_hand.mean()), abs=1e-5)
+        # the sampler's own log-probs (one scoring pass fewer) give the same column
+        own = Evaluator(toy_task, ref, n_prompts=64, seed=0, temperature=t, own_logprobs=True)
+        own.reference_rewards()
+        assert own.evaluate(ref).kl == pytest.approx(kls[t], abs=1e-4)
     assert kls[1.0] == pytest.approx(0, abs=1e-6) and kls[0.5] > 0.01  # was 0 at every T

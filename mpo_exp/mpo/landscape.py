@@ -115,6 +115,7 @@ class LandscapeMethod(Method):
             float(ctx.cfg.eval.temperature),
             0,
             sample_batch_size=ctx.sample_batch_size,
+            own_logprobs=ctx.dtype == "float32",
         )
         with ctx.meter.stage("diagnostics/landscape"):
             baseline = ev.reference_rewards()
