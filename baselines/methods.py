@@ -13,7 +13,7 @@ from baselines.aggregation import RewardAggregator
 from baselines.em import em_user_groups, purity
 from baselines.normalization import Normalizer, check_normalization
 from baselines.reward_model import RewardModel, bt_loss, reference_scores, reward_models, score_with_rm
-from baselines.rl import rl_train_prompts, train_rl_policy
+from baselines.rl import rl_budget, rl_train_prompts, train_rl_policy
 from baselines.soups import average_state_dicts
 from mpo_exp.adapters import full_model
 from mpo_exp.generation import encode_prompts
@@ -51,9 +51,14 @@ def _normalizer(ctx: RunContext, rms: list[RewardModel], keys: list[str], how: s
     return Normalizer.fit(scores, how, ctx.beta, prompts=list(by_ids))
 
 
+def _rl_budget(ctx: RunContext, history: list[dict]) -> dict:
+    cfg = ctx.cfg.rl
+    return rl_budget(history, ctx.beta, int(cfg.batch_size), float(cfg.plateau_tol))
+
+
 def _rm_summary(rms: list[RewardModel], normalizer: Normalizer) -> dict:
     return {
-        r.objective: {"heldout_accuracy": r.heldout_accuracy, **stats}
+        r.objective: {"heldout_accuracy": r.heldout_accuracy, "budget": r.budget, **stats}
         for r, stats in zip(rms, normalizer.stats, strict=True)
     }
 
@@ -103,6 +108,7 @@ class MORLHFMethod(Method):
                 "reward_models": _rm_summary(rms, norm),
                 "reward_normalization": self.normalization,
                 "rl_history": {label: history},
+                "rl_budget": {label: _rl_budget(ctx, history)},
             },
         )
 
@@ -136,7 +142,7 @@ class MaxMinRLHFMethod(Method):
         self.em = {"users": 24, "iterations": 5, "rm_steps": 40, **(dict(em) if em else {})}
 
     def run(self, ctx: RunContext) -> MethodOutput:
-        extras: dict = {"rl_history": {}, "reward_normalization": self.normalization}
+        extras: dict = {"rl_history": {}, "rl_budget": {}, "reward_normalization": self.normalization}
         if self.groups == "known":
             rms = list(reward_models(ctx).values())
             rm_keys = [ctx.keys[f"rm/{o}"] for o in ctx.task.objectives]
@@ -170,6 +176,7 @@ class MaxMinRLHFMethod(Method):
             policies.append(MixedPolicy.single(policy))
             costs[label] = rl_cost(rm_stages, f"rl/{label}")
             extras["rl_history"][label] = history
+            extras["rl_budget"][label] = _rl_budget(ctx, history)
         return MethodOutput(policies, costs=costs, extras=extras)
 
 

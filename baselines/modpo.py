@@ -28,7 +28,7 @@ from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
 from mpo_exp.mpo.user_weights import Weights, check_user_weights, resolve_user_weights
 from mpo_exp.policies import load_policy, save_policy
 from mpo_exp.preferences import PairSet
-from mpo_exp.scoring import score_sequences, sequence_logprobs
+from mpo_exp.scoring import pair_logprobs, score_sequences
 from mpo_exp.training.dpo import DPOModule
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ class MODPOModule(DPOModule):
 
     def training_step(self, batch: MarginBatch, batch_idx: int) -> torch.Tensor:
         b = batch.pairs
-        chosen, rejected = sequence_logprobs(self.model, b.chosen), sequence_logprobs(self.model, b.rejected)
+        chosen, rejected = pair_logprobs(self.model, b)
         loss, logits = modpo_loss(
             chosen, rejected, b.ref_chosen_logp, b.ref_rejected_logp, batch.margin, self.beta, self.weight
         )

@@ -115,15 +115,16 @@ class PolicyWithValueHead(torch.nn.Module):
 
     def forward(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, R, V) logits predicting each response token and (B, R) values of the states before them."""
+        p, r = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
         out = self.lm(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             output_hidden_states=True,
             use_cache=False,
+            logits_to_keep=r + 1,  # the head on the positions that predict the response only
         )
-        p, r = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-        logits = out.logits[:, p - 1 : p + r - 1].float()
+        logits = out.logits[:, -(r + 1) : -1].float()
         values = self.v_head(out.hidden_states[-1][:, p - 1 : p + r - 1]).squeeze(-1).float()
         return logits, values
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
@@ -65,7 +66,7 @@ class RewardModelModule(PolicyModule):
         super().__init__(model, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps)
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
-        chosen, rejected = rm_scores(self.model, batch.chosen), rm_scores(self.model, batch.rejected)
+        chosen, rejected = rm_scores(self.model, batch.both()).split(len(batch))
         loss = bt_loss(chosen, rejected)
         self.charge(batch.chosen.n_tokens + batch.rejected.n_tokens)
         self.log("rm/loss", loss, prog_bar=True, batch_size=len(batch))
@@ -73,17 +74,50 @@ class RewardModelModule(PolicyModule):
         return loss
 
 
+def heldout_metrics(
+    model: PreTrainedModel, data: PreferenceDataset, meter: CostMeter | None = None
+) -> tuple[float, float]:
+    """(Bradley–Terry loss, pairwise accuracy) of ``model`` on ``data``; NaN for no pairs."""
+    if len(data) == 0:
+        return float("nan"), float("nan")
+    batch = data.collate(list(range(len(data)))).both()
+    chosen, rejected = score_with_rm(model, batch, meter=meter).split(len(data))
+    return float(bt_loss(chosen, rejected)), float((chosen > rejected).float().mean())
+
+
 def pairwise_accuracy(
     model: PreTrainedModel, data: PreferenceDataset, meter: CostMeter | None = None
 ) -> float:
-    if len(data) == 0:
-        return float("nan")
-    batch = data.collate(list(range(len(data))))
-    chosen, rejected = (
-        score_with_rm(model, batch.chosen, meter=meter),
-        score_with_rm(model, batch.rejected, meter=meter),
-    )
-    return float((chosen > rejected).float().mean())
+    return heldout_metrics(model, data, meter)[1]
+
+
+class HeldoutPlateau(pl.Callback):
+    """Stops reward-model training when its held-out Bradley–Terry loss stops improving.
+
+    Every ``every`` optimiser steps the held-out pairs are scored; training stops after
+    ``patience`` evaluations in a row without a loss ``min_delta`` below the best so far (or at
+    ``max_steps``). The loss, not the accuracy, decides: on a few dozen pairs the accuracy moves
+    in steps of several points. ``curve`` is what ``results.json`` reports as the model's budget.
+    """
+
+    def __init__(self, heldout: PreferenceDataset, every: int, patience: int, min_delta: float) -> None:
+        self.heldout, self.every, self.patience, self.min_delta = heldout, every, patience, min_delta
+        self.curve: list[dict[str, float]] = []
+        self.best, self.waited, self.plateaued = float("inf"), 0, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step % self.every or (self.curve and self.curve[-1]["step"] == step):
+            return  # not due, or already measured this step (gradient accumulation)
+        loss, acc = heldout_metrics(pl_module.model, self.heldout, pl_module.meter)
+        pl_module.model.train()  # score_with_rm leaves the model in eval mode
+        self.curve.append({"step": step, "heldout_loss": loss, "heldout_accuracy": acc})
+        if loss < self.best - self.min_delta:
+            self.best, self.waited = loss, 0
+        else:
+            self.waited += 1
+        if self.waited >= self.patience:
+            self.plateaued = trainer.should_stop = True
 
 
 def load_reward_model(path: str | Path) -> PreTrainedModel:
@@ -102,6 +136,19 @@ class RewardModel:
     objective: str
     model: PreTrainedModel
     heldout_accuracy: float
+    budget: dict = field(default_factory=dict)  # steps trained, max_steps, held-out curve, plateau
+
+
+def rm_training_spec(cfg: dict) -> dict:
+    """The reward-model settings that change a trained model (its cache key).
+
+    The normaliser has its own stage; the plateau rule only when it is on (``every > 0``), so
+    that turning it off keeps the keys of models trained before it existed.
+    """
+    spec = {k: v for k, v in cfg.items() if k != "normalizer"}
+    if not int(spec.get("plateau", {}).get("every", 0)):
+        spec.pop("plateau", None)
+    return spec
 
 
 def split_pairs(data: PreferenceDataset, heldout_fraction: float, seed: int) -> tuple[PreferenceDataset, ...]:
@@ -128,7 +175,7 @@ def reward_models(ctx: RunContext) -> dict[str, RewardModel]:
             "ref": ctx.keys["sft"],
             "pairs": ctx.keys["preferences"],
             "objective": objective,
-            "reward_model": {k: v for k, v in ctx.plain(cfg).items() if k != "normalizer"},
+            "reward_model": rm_training_spec(ctx.plain(cfg)),
             "seed": ctx.seed,
         }
         stage, diagnostic = f"rm/{objective}", f"diagnostics/rm/{objective}"
@@ -138,17 +185,27 @@ def reward_models(ctx: RunContext) -> dict[str, RewardModel]:
             model = load_reward_model(ctx.store.path("sft", ctx.keys["sft"]))
             train, heldout = split_pairs(pairs.dataset(k, pad_id), float(cfg.heldout_fraction), ctx.seed)
             log.info("reward model for '%s' on %d pairs (%d held out)", objective, len(train), len(heldout))
-            with ctx.meter.stage(stage):
-                ctx.fit(instantiate(cfg.module)(model=model), train, train.collate, cfg)
+            plateau = cfg.plateau
+            stop = HeldoutPlateau(
+                heldout, int(plateau.every), int(plateau.patience), float(plateau.min_delta)
+            )
+            module = instantiate(cfg.module)(model=model)
+            with ctx.meter.stage(stage):  # the plateau checks decide the budget: the method pays
+                steps = ctx.fit(module, train, train.collate, cfg, callbacks=[stop] if stop.every else [])
             with ctx.meter.stage(diagnostic):
                 acc = pairwise_accuracy(model, heldout, ctx.meter)
             model.save_pretrained(str(tmp))
             ctx.reference.tokenizer.save_pretrained(str(tmp))
-            (tmp / "stats.json").write_text(json.dumps({"heldout_accuracy": acc}))
+            budget = {"steps": steps, "max_steps": int(cfg.max_steps), "batch_size": int(cfg.batch_size)}
+            if stop.every:
+                budget.update(plateaued=stop.plateaued, plateau=ctx.plain(plateau), curve=stop.curve)
+            (tmp / "stats.json").write_text(json.dumps({"heldout_accuracy": acc, "budget": budget}))
 
         art = ctx.cached_stage(stage, "reward_model", spec, build, stages=(stage, diagnostic))
         stats = json.loads((art.path / "stats.json").read_text())
-        out[objective] = RewardModel(objective, load_reward_model(art.path), stats["heldout_accuracy"])
+        out[objective] = RewardModel(
+            objective, load_reward_model(art.path), stats["heldout_accuracy"], stats.get("budget", {})
+        )
         log.info("reward model '%s': held-out pairwise accuracy %.3f", objective, stats["heldout_accuracy"])
     ctx.memo["reward_models"] = out
     return out

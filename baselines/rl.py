@@ -27,6 +27,30 @@ def rl_train_prompts(ctx: RunContext) -> list[str]:
     return ctx.task.prompts("train", int(cfg.iterations) * int(cfg.batch_size), ctx.seed + 5)
 
 
+def rl_budget(history: list[dict], beta: float, batch_size: int, tol: float) -> dict:
+    """The RL budget spent and whether the RL objective plateaued within it.
+
+    The objective of an iteration is its rollouts' mean score minus beta times their mean KL to
+    pi_ref (what PPO maximises). It plateaued when its mean over the last quarter of iterations
+    differs from its mean over the quarter before by at most ``tol`` (``rl.plateau_tol``, in the
+    objective's units); fewer than 8 iterations cannot tell.
+    """
+    objective = [h["score"] - beta * h["kl"] for h in history]
+    out: dict = {"iterations": len(history), "prompts_per_iteration": batch_size, "plateau_tol": tol}
+    q = len(objective) // 4
+    if q < 2:
+        return {**out, "plateaued": None}
+    last, before = objective[-q:], objective[-2 * q : -q]
+    change = sum(last) / q - sum(before) / q
+    return {
+        **out,
+        "objective_first": objective[0],
+        "objective_last_quarter": sum(last) / q,
+        "change_over_last_quarter": change,
+        "plateaued": abs(change) <= tol,
+    }
+
+
 def train_rl_policy(
     ctx: RunContext, name: str, spec: dict, make_reward_fn: Callable[[], RewardFn]
 ) -> tuple[Policy, list[dict]]:
@@ -34,7 +58,7 @@ def train_rl_policy(
     cfg = ctx.cfg.rl
     full_spec = {
         "ref": ctx.keys["sft"],
-        "rl": ctx.plain(cfg),
+        "rl": {k: v for k, v in ctx.plain(cfg).items() if k != "plateau_tol"},  # a reading, not a setting
         "beta": ctx.beta,
         "seed": ctx.seed,
         "max_new_tokens": ctx.task.max_new_tokens,

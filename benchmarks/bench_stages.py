@@ -2,7 +2,7 @@
 
     python benchmarks/bench_stages.py --tiny                          # seconds (CI runs this)
     python benchmarks/bench_stages.py                                 # SmolLM2-135M, fp32 and bf16
-    python benchmarks/bench_stages.py --dtypes bfloat16 --batches 16,64,128
+    python benchmarks/bench_stages.py --precisions bf16-mixed --stages dpo --batches 8,16
 
 First the ceiling: the measured GFLOP/s of a large matmul at each precision (the threads this
 process has). Then, for the model, per precision and batch size, the stages the pipeline spends
@@ -38,6 +38,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 STAGES = ("sampling", "scoring", "mixed_decoding", "dpo")
+# precision -> the weights' dtype; bf16-mixed keeps fp32 weights and autocasts the matmuls to bf16
+# (what trainer.precision=bf16-mixed does in training)
+WEIGHTS = {"float32": "float32", "bfloat16": "bfloat16", "bf16-mixed": "float32"}
+MATMUL = {"float32": "float32", "bfloat16": "bfloat16", "bf16-mixed": "bfloat16"}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 
@@ -91,7 +95,7 @@ def one(spec: dict) -> dict:
     from mpo_exp.cost import CostMeter, n_params
 
     torch.set_num_threads(spec["threads"])
-    policy, prompts_of, lora = load(spec["model"], spec["dtype"])
+    policy, prompts_of, lora = load(spec["model"], WEIGHTS[spec["precision"]])
     prompts = prompts_of(spec["rows"])
     new = spec["new_tokens"]
     work = {
@@ -101,7 +105,8 @@ def one(spec: dict) -> dict:
         "dpo": lambda: _dpo(policy, full_length_batch(policy, prompts, new), lora, spec, meter),
     }[spec["stage"]]
     meter = CostMeter()
-    tokens, seconds, flops = work()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed"):
+        tokens, seconds, flops = work()
     return {
         **spec,
         "n_params": n_params(policy.model),
@@ -151,10 +156,11 @@ def _scoring(policy, batch, spec: dict, meter):
 
 
 def _dpo(policy, batch, lora: dict, spec: dict, meter):
-    """DPO steps of ``batch`` pairs (the first and second half of the rows) with a LoRA adapter."""
+    """DPO steps (the module's own step: chosen + rejected in one forward) with a LoRA adapter."""
     from mpo_exp.adapters import with_adapter
     from mpo_exp.cost import n_params
-    from mpo_exp.scoring import sequence_logprobs
+    from mpo_exp.data import PreferenceBatch
+    from mpo_exp.scoring import pair_logprobs
     from mpo_exp.training.dpo import dpo_loss
 
     model = with_adapter(policy.model, lora).train()
@@ -165,15 +171,14 @@ def _dpo(policy, batch, lora: dict, spec: dict, meter):
     def run() -> int:
         tokens = 0
         for s in range(0, rows - b + 1, b):
-            chosen, rejected = batch[s : s + b], batch[rows + s : rows + s + b]
             zeros = torch.zeros(b)
-            logp = (sequence_logprobs(model, chosen), sequence_logprobs(model, rejected))
-            loss, _ = dpo_loss(*logp, zeros, zeros, 0.1)
+            pairs = PreferenceBatch(batch[s : s + b], batch[rows + s : rows + s + b], zeros, zeros)
+            loss, _ = dpo_loss(*pair_logprobs(model, pairs), zeros, zeros, 0.1)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            meter.charge(n, chosen.n_tokens + rejected.n_tokens, True, trainable)
-            tokens += chosen.n_tokens + rejected.n_tokens
+            meter.charge(n, pairs.both().n_tokens, True, trainable)
+            tokens += pairs.both().n_tokens
         return tokens
 
     return _timed(meter, run)
@@ -188,13 +193,13 @@ def markdown(res: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["runs"]:
-        peak = res["ceiling_gflops"][r["dtype"]]
+        peak = res["ceiling_gflops"][MATMUL[r["precision"]]]
         lines.append(
-            f"| {r['model']} | {r['dtype']} | {r['stage']} | {r['batch']} | {r['tokens_per_s']:.0f} | "
+            f"| {r['model']} | {r['precision']} | {r['stage']} | {r['batch']} | {r['tokens_per_s']:.0f} | "
             f"{r['gflops_per_s']:.1f} | {100 * r['gflops_per_s'] / peak:.1f} | {r['peak_rss_gb']:.2f} |"
         )
     for r in res.get("failed", []):
-        what = f"| {r['model']} | {r['dtype']} | {r['stage']} | {r['batch']} |"
+        what = f"| {r['model']} | {r['precision']} | {r['stage']} | {r['batch']} |"
         lines.append(f"{what} failed: {r['error']} | | | |")
     return "\n".join(lines) + "\n"
 
@@ -203,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="the embedded default's tiny GPT-2, small sizes")
     ap.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--precisions", default="float32,bfloat16,bf16-mixed", help=f"of {sorted(WEIGHTS)}")
     ap.add_argument("--batches", default="16,64")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--rows", type=int, default=128, help="prompts per stage")
@@ -218,17 +223,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.tiny:
         args.model, args.batches, args.rows, args.new_tokens = "tiny", "8,16", 32, 8
     torch.set_num_threads(args.threads)
-    dtypes = args.dtypes.split(",")
+    precisions = args.precisions.split(",")
+    if unknown := set(precisions) - set(WEIGHTS):
+        ap.error(f"--precisions: unknown {sorted(unknown)} (known: {sorted(WEIGHTS)})")
     res: dict = {"threads": args.threads, "ceiling_gflops": {}, "runs": [], "failed": []}
-    for d in dtypes:
+    for d in sorted({MATMUL[p] for p in precisions}):
         res["ceiling_gflops"][d] = matmul_gflops(getattr(torch, d), seconds=0.5 if args.tiny else 2.0)
         print(f"matmul {d}: {res['ceiling_gflops'][d]:.0f} GFLOP/s", flush=True)
-    for d in dtypes:
+    for d in precisions:
         for stage in args.stages.split(","):
             for b in (int(x) for x in args.batches.split(",")):
                 spec = dict(
                     model=args.model,
-                    dtype=d,
+                    precision=d,
                     stage=stage,
                     batch=b,
                     rows=args.rows,
@@ -250,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
                 res["runs"].append(r)
                 print(
                     f"{args.model} {d} {stage} batch {b}: {r['tokens_per_s']:.0f} tokens/s, "
-                    f"{100 * r['gflops_per_s'] / res['ceiling_gflops'][d]:.0f}% of peak, "
+                    f"{100 * r['gflops_per_s'] / res['ceiling_gflops'][MATMUL[d]]:.0f}% of peak, "
                     f"{r['peak_rss_gb']:.2f} GB",
                     flush=True,
                 )

@@ -87,6 +87,10 @@ OPTIONAL_RANGES = {
     "rl.module.gamma": "[0,1]",
     "rl.module.lam": "[0,1]",
     "reward_model.heldout_fraction": "[0,1)",
+    "reward_model.plateau.every": "int>=0",
+    "reward_model.plateau.patience": "int>=1",
+    "reward_model.plateau.min_delta": ">=0",
+    "rl.plateau_tol": ">=0",
 }
 _RANGE_TESTS = {
     "int>=0": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
@@ -97,7 +101,10 @@ _RANGE_TESTS = {
     "[0,1]": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "[0,1)": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
 }
+#: Lightning's precisions (a stage's own, or null for trainer.precision's)
+PRECISIONS = ("64-true", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 CHOICES = {
+    **{f"{g}.precision": PRECISIONS for g in ("sft", "dpo", "reward_model", "rl")},
     "rl.module.estimator": ("ppo", "rloo"),
     # MODPO's margin / RiC's scores: reward models or the implicit rewards beta*log pi_k/pi_ref
     "method.rewards": ("rm", "implicit"),
@@ -381,6 +388,13 @@ def validate_config(cfg: DictConfig, check_paths: bool = True) -> None:
         ok, what = _RANGE_TESTS[rule]
         if value is not None and not ok(value):
             raise ConfigError(f"{field} must be {what}, got {field}={value!r}")
+    if (OmegaConf.select(cfg, "reward_model.plateau.every") or 0) > 0 and not OmegaConf.select(
+        cfg, "reward_model.heldout_fraction"
+    ):
+        raise ConfigError(
+            "reward_model.plateau.every > 0 stops on the held-out pairs: it needs "
+            "reward_model.heldout_fraction > 0"
+        )
     _check_lora(cfg, "model.lora")
     _check_lora(cfg, "dpo.lora")
     threads = OmegaConf.select(cfg, "num_threads")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -186,21 +186,24 @@ class RunContext:
         """A config node as a plain dict: the spec that keys an artifact."""
         return to_plain(node)
 
-    def fit(self, module, dataset, collate, stage_cfg, max_steps: int | None = None) -> None:
-        """Train a Lightning module with the run's trainer, logger, meter and seed."""
+    def fit(self, module, dataset, collate, stage_cfg, max_steps: int | None = None, callbacks=()) -> int:
+        """Train a Lightning module with the run's trainer, logger, meter and seed: the steps taken."""
         from mpo_exp.training.common import fit
 
         steps = int(stage_cfg.max_steps) if max_steps is None else max_steps
-        fit(
+        precision = getattr(stage_cfg, "precision", None)  # the stage's own, over trainer.precision
+        factory = self._trainer if precision is None else partial(self._trainer, precision=precision)
+        return fit(
             module,
             dataset,
             collate,
-            self._trainer,
+            factory,
             int(stage_cfg.batch_size),
             steps,
             self.meter,
             self.logger,
             seed=self.seed,
+            callbacks=callbacks,
         )
 
     # ---- shared stages ---------------------------------------------------------------------

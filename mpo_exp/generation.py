@@ -230,7 +230,8 @@ class TokenStepper:
         self.tokens: list[torch.Tensor] = []
 
     def logits(self) -> list[torch.Tensor]:
-        kw = dict(attention_mask=self.mask, position_ids=self.positions, use_cache=True)
+        # only the last position's logits: the first step's forward spans the whole prompt
+        kw = dict(attention_mask=self.mask, position_ids=self.positions, use_cache=True, logits_to_keep=1)
         if self.bank is not None:
             rows = [m.adapter for m in self.models for _ in range(self.b)]
             out = self.bank.forward(rows, input_ids=self.new, cache=self.caches[0], **kw)

@@ -244,6 +244,51 @@ def test_per_prompt_normalisation_fits_on_the_rl_training_prompts(smoke_cfg, tmp
         assert stats["partition_shift_prompt_std"] > 0
 
 
+def test_reward_models_stop_at_their_held_out_plateau_and_runs_record_the_budgets(smoke_cfg, tmp_path):
+    """min_delta=10 cannot be beaten after the first check: with every=2 and patience=1 each
+    reward model stops at step 4 of 50; results.json records both budgets."""
+    from mpo_exp.pipeline import run_pipeline
+
+    cfg = smoke_cfg(
+        "method=morlhf",
+        "reward_model.max_steps=50",
+        "reward_model.plateau.every=2",
+        "reward_model.plateau.patience=1",
+        "reward_model.plateau.min_delta=10",
+    )
+    res = run_pipeline(cfg, tmp_path / "run")
+    for stats in res["reward_models"].values():
+        budget = stats["budget"]
+        assert budget["steps"] == 4 and budget["max_steps"] == 50 and budget["plateaued"] is True
+        assert [c["step"] for c in budget["curve"]] == [2, 4]
+        assert all(0 <= c["heldout_accuracy"] <= 1 and c["heldout_loss"] > 0 for c in budget["curve"])
+    rl = res["rl_budget"]["morlhf"]
+    assert rl["iterations"] == int(cfg.rl.iterations) == len(res["rl_history"]["morlhf"])
+    assert rl["prompts_per_iteration"] == int(cfg.rl.batch_size)
+
+
+def test_the_plateau_rule_is_in_a_reward_models_key_only_when_on():
+    from baselines.reward_model import rm_training_spec
+
+    base = {"batch_size": 8, "max_steps": 5, "normalizer": {"n_prompts": 4}}
+    off = {**base, "plateau": {"every": 0, "patience": 3, "min_delta": 0.0}}
+    on = {**base, "plateau": {"every": 2, "patience": 3, "min_delta": 0.0}}
+    assert rm_training_spec(off) == rm_training_spec(base) == {"batch_size": 8, "max_steps": 5}
+    assert rm_training_spec(on)["plateau"]["every"] == 2
+
+
+def test_rl_budget_reads_the_plateau_off_the_last_two_quarters():
+    from baselines.rl import rl_budget
+
+    flat = [{"score": 1.0, "kl": 2.0}] * 8  # objective 1 - 0.5 * 2 = 0 throughout
+    rising = [{"score": float(i), "kl": 0.0} for i in range(8)]  # quarters (4, 5) then (6, 7)
+    assert rl_budget(flat, 0.5, 16, 0.01)["plateaued"] is True
+    got = rl_budget(rising, 0.5, 16, 0.01)
+    assert got["change_over_last_quarter"] == pytest.approx(2.0) and got["plateaued"] is False
+    assert rl_budget(rising, 0.5, 16, 2.0)["plateaued"] is True
+    assert rl_budget(rising[:7], 0.5, 16, 0.01)["plateaued"] is None  # quarters of one iteration
+
+
 def test_group_min_follows_the_worst_objective_across_batches():
     class Fixed(torch.nn.Module):
         def __init__(self, value):

@@ -112,9 +112,7 @@ def test_model_lora_builds_with_the_dpo_lora_schema():
     assert PretrainedSpec("unused", lora={"r": 0}).lora is None  # r = 0 is off, as for dpo.lora
 
 
-@pytest.mark.parametrize(
-    "strategy", ["fsdp", "{_target_: pytorch_lightning.strategies.FSDPStrategy}"]
-)
+@pytest.mark.parametrize("strategy", ["fsdp", "{_target_: pytorch_lightning.strategies.FSDPStrategy}"])
 def test_fsdp_is_refused_in_one_line_before_any_stage(smoke_cfg, tmp_path, strategy):
     from mpo_exp.pipeline import run_pipeline
 

@@ -46,6 +46,30 @@ def test_sequence_logprob_matches_hand_computation_despite_padding(tiny_policies
     torch.testing.assert_close(score_sequences([model], [1.0], batch, batch_size=2), want, atol=1e-4, rtol=0)
 
 
+def test_one_forward_over_chosen_and_rejected_gives_each_sides_own_log_probs(tiny_policies):
+    """DPO's stacked forward: re-padding to common widths changes no row's log-prob or gradient."""
+    from mpo_exp.data import PreferenceBatch
+    from mpo_exp.scoring import pair_logprobs
+
+    model = tiny_policies[0].model
+    prompts = [[8, 16, 12, 4], [20, 4]]
+    chosen = collate(prompts, [[40, 41, 3], [50, 3]], pad_id=0)
+    rejected = collate(prompts, [[60, 3], [61, 62, 63, 64, 65, 3]], pad_id=0)
+    pairs = PreferenceBatch(chosen, rejected, torch.zeros(2), torch.zeros(2))
+    both = pairs.both()
+    assert both.prompts() == prompts * 2
+    assert both.responses() == chosen.responses() + rejected.responses()
+    c, r = pair_logprobs(model, pairs)
+    (c.sum() - r.sum()).backward()
+    grad = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    c0, r0 = sequence_logprobs(model, chosen), sequence_logprobs(model, rejected)
+    (c0.sum() - r0.sum()).backward()
+    torch.testing.assert_close(torch.cat([c, r]), torch.cat([c0, r0]), atol=1e-5, rtol=0)
+    for g, p in zip(grad, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_padding_tokens_do_not_change_scores(tiny_policies):
     model = tiny_policies[1].model
     alone = collate([[8, 16, 4]], [[40, 3]], pad_id=0)

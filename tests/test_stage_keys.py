@@ -97,6 +97,11 @@ def test_runs_rebuild_on_result_changes_and_reuse_across_display_changes(smoke_c
     assert batched["cost"]["sft"]["reused"]
     assert not batched["cost"]["preferences"]["reused"] and not batched["cost"]["dpo/helpful"]["reused"]
 
+    # a stage's own precision re-keys that stage (and what is built on it) only
+    bf16 = run_pipeline(smoke_cfg("method=fixed_mix", "dpo.precision=bf16-mixed"), tmp_path / "bf16")
+    assert bf16["cost"]["sft"]["reused"] and bf16["cost"]["preferences"]["reused"]
+    assert not bf16["cost"]["dpo/helpful"]["reused"]
+
     shown = run_pipeline(
         smoke_cfg("method=fixed_mix", "num_threads=1", "trainer.enable_progress_bar=true", "logger=csv"),
         tmp_path / "shown",
@@ -110,3 +115,26 @@ def test_runs_rebuild_on_result_changes_and_reuse_across_display_changes(smoke_c
     assert first["config"]["trainer"] != clipped["config"]["trainer"]
     assert first["pi_ref_fingerprint"] == shown["pi_ref_fingerprint"]
     assert first["pi_ref_fingerprint"] != batched["pi_ref_fingerprint"]  # other batches, other samples
+
+
+@pytest.mark.parametrize(
+    ("stage_precision", "trainer_precision"), [(None, "32-true"), ("bf16-mixed", "bf16-mixed")]
+)
+def test_a_stage_trains_at_its_own_precision_else_the_trainers(
+    smoke_cfg, tmp_path, monkeypatch, stage_precision, trainer_precision
+):
+    from omegaconf import OmegaConf
+
+    from mpo_exp.training import common
+
+    seen = {}
+
+    def fake_fit(module, dataset, collate, factory, *args, **kwargs):
+        seen["precision"] = factory(max_steps=1, logger=False).precision
+        return 0
+
+    monkeypatch.setattr(common, "fit", fake_fit)
+    cfg = smoke_cfg(f"dpo.precision={stage_precision or 'null'}")
+    RunContext(cfg, tmp_path).fit(None, None, None, cfg.dpo)
+    assert seen["precision"] == trainer_precision
+    assert OmegaConf.select(cfg, "trainer.precision") == "32-true"

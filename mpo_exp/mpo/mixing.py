@@ -132,6 +132,7 @@ class MixtureLogitsProcessor(LogitsProcessor):
                 position_ids=positions[:, new],
                 cache=self.caches[k],
                 use_cache=True,
+                logits_to_keep=1,  # the first call spans the whole prompt: its last row only
             )
             self.caches[k] = out.cache
             logits.append(out.logits[:, -1])

@@ -10,7 +10,7 @@ cached stage built around ``fit`` fails and caches nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -211,8 +211,10 @@ def fit(
     meter: CostMeter | None,
     logger=None,
     seed: int = 0,
-) -> None:
-    """Train ``module`` for ``max_steps`` optimiser steps over shuffled ``dataset``.
+    callbacks: Sequence[pl.Callback] = (),
+) -> int:
+    """Train ``module`` for ``max_steps`` optimiser steps over shuffled ``dataset``; the steps taken
+    (fewer when a callback stops training early).
 
     ``batch_size`` is the global batch: under DDP (``trainer.strategy=ddp``, ``trainer.devices``
     processes) each rank trains on ``batch_size / world`` rows of the same batches one process
@@ -248,10 +250,11 @@ def fit(
                 "(trainer.devices x trainer.num_nodes): use fewer processes or more data"
             )
     # appended rather than passed, so a trainer factory that sets its own callbacks keeps working
-    trainer.callbacks.append(FiniteLossGuard())
+    trainer.callbacks.extend([FiniteLossGuard(), *callbacks])
     module.train()  # models loaded with from_pretrained arrive in eval mode; Lightning keeps submodule modes
     try:
         trainer.fit(module, train_dataloaders=loader)
     finally:
         module.eval()
     check_parameters_finite(module, stage_name(module), _hint(module))
+    return int(trainer.global_step)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from mpo_exp.adapters import disable_model_dropout
 from mpo_exp.data import PreferenceBatch
-from mpo_exp.scoring import sequence_logprobs
+from mpo_exp.scoring import pair_logprobs
 from mpo_exp.training.common import PolicyModule
 
 
@@ -42,8 +42,7 @@ class DPOModule(PolicyModule):
         disable_model_dropout(self.model)  # as TRL; a LoRA adapter keeps its own dropout
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> torch.Tensor:
-        chosen = sequence_logprobs(self.model, batch.chosen)
-        rejected = sequence_logprobs(self.model, batch.rejected)
+        chosen, rejected = pair_logprobs(self.model, batch)
         loss, margin = dpo_loss(chosen, rejected, batch.ref_chosen_logp, batch.ref_rejected_logp, self.beta)
         self.charge(batch.chosen.n_tokens + batch.rejected.n_tokens)
         tag = f"dpo_{self.objective}"
