@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 STAGES = ("sampling", "scoring", "mixed_decoding", "dpo")
+SAMPLING = ("sampling", "mixed_decoding")  # the stages that draw tokens (``--samplers``)
 # precision -> the weights' dtype; bf16-mixed keeps fp32 weights and autocasts the matmuls to bf16
 # (what trainer.precision=bf16-mixed does in training)
 WEIGHTS = {"float32": "float32", "bfloat16": "bfloat16", "bf16-mixed": "float32"}
@@ -105,7 +106,10 @@ def one(spec: dict) -> dict:
         "dpo": lambda: _dpo(policy, full_length_batch(policy, prompts, new), lora, spec, meter),
     }[spec["stage"]]
     meter = CostMeter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["precision"] == "bf16-mixed"):
+    from mpo_exp import draws
+
+    bf16 = spec["precision"] == "bf16-mixed"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), draws.use(spec["sampler"]):
         tokens, seconds, flops = work()
     return {
         **spec,
@@ -184,22 +188,26 @@ def _dpo(policy, batch, lora: dict, spec: dict, meter):
     return _timed(meter, run)
 
 
+def _stage(r: dict) -> str:
+    return f"{r['stage']} ({r['sampler']})" if r["stage"] in SAMPLING else r["stage"]
+
+
 def markdown(res: dict) -> str:
     lines = [
         f"Machine: {res['threads']} threads; matmul ceiling "
         + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in res["ceiling_gflops"].items()),
         "",
         "| model | precision | stage | batch | tokens/s | GFLOP/s | % of peak | peak RSS (GB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",  # stage: sampling stages name their draw
     ]
     for r in res["runs"]:
         peak = res["ceiling_gflops"][MATMUL[r["precision"]]]
         lines.append(
-            f"| {r['model']} | {r['precision']} | {r['stage']} | {r['batch']} | {r['tokens_per_s']:.0f} | "
+            f"| {r['model']} | {r['precision']} | {_stage(r)} | {r['batch']} | {r['tokens_per_s']:.0f} | "
             f"{r['gflops_per_s']:.1f} | {100 * r['gflops_per_s'] / peak:.1f} | {r['peak_rss_gb']:.2f} |"
         )
     for r in res.get("failed", []):
-        what = f"| {r['model']} | {r['precision']} | {r['stage']} | {r['batch']} |"
+        what = f"| {r['model']} | {r['precision']} | {_stage(r)} | {r['batch']} |"
         lines.append(f"{what} failed: {r['error']} | | | |")
     return "\n".join(lines) + "\n"
 
@@ -211,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precisions", default="float32,bfloat16,bf16-mixed", help=f"of {sorted(WEIGHTS)}")
     ap.add_argument("--batches", default="16,64")
     ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--samplers", default="multinomial,inverse_cdf", help="token draws (mpo_exp/draws.py)")
     ap.add_argument("--rows", type=int, default=128, help="prompts per stage")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -231,12 +240,18 @@ def main(argv: list[str] | None = None) -> None:
         res["ceiling_gflops"][d] = matmul_gflops(getattr(torch, d), seconds=0.5 if args.tiny else 2.0)
         print(f"matmul {d}: {res['ceiling_gflops'][d]:.0f} GFLOP/s", flush=True)
     for d in precisions:
-        for stage in args.stages.split(","):
+        runs = [
+            (st, sampler)
+            for st in args.stages.split(",")
+            for sampler in (args.samplers.split(",") if st in SAMPLING else ["multinomial"])
+        ]
+        for stage, sampler in runs:
             for b in (int(x) for x in args.batches.split(",")):
                 spec = dict(
                     model=args.model,
                     precision=d,
                     stage=stage,
+                    sampler=sampler,
                     batch=b,
                     rows=args.rows,
                     new_tokens=args.new_tokens,
@@ -251,12 +266,12 @@ def main(argv: list[str] | None = None) -> None:
                 if out.returncode != 0:  # e.g. killed for memory: recorded, the rest still runs
                     why = "killed (out of memory?)" if out.returncode < 0 else out.stderr.strip()[-300:]
                     res["failed"].append({**spec, "error": why})
-                    print(f"{args.model} {d} {stage} batch {b}: failed: {why}", flush=True)
+                    print(f"{args.model} {d} {_stage(spec)} batch {b}: failed: {why}", flush=True)
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 res["runs"].append(r)
                 print(
-                    f"{args.model} {d} {stage} batch {b}: {r['tokens_per_s']:.0f} tokens/s, "
+                    f"{args.model} {d} {_stage(spec)} batch {b}: {r['tokens_per_s']:.0f} tokens/s, "
                     f"{100 * r['gflops_per_s'] / res['ceiling_gflops'][MATMUL[d]]:.0f}% of peak, "
                     f"{r['peak_rss_gb']:.2f} GB",
                     flush=True,

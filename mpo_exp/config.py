@@ -105,6 +105,7 @@ _RANGE_TESTS = {
 PRECISIONS = ("64-true", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 CHOICES = {
     **{f"{g}.precision": PRECISIONS for g in ("sft", "dpo", "reward_model", "rl")},
+    "sampler": ("multinomial", "inverse_cdf"),  # mpo_exp.draws.SAMPLERS (kept free of torch here)
     "rl.module.estimator": ("ppo", "rloo"),
     # MODPO's margin / RiC's scores: reward models or the implicit rewards beta*log pi_k/pi_ref
     "method.rewards": ("rm", "implicit"),

@@ -113,6 +113,7 @@ class RunContext:
         self.logger = logger
         self.batch_size: int = int(cfg.inference_batch_size)  # scoring
         self.sample_batch_size: int = int(cfg.get("sampling_batch_size") or cfg.inference_batch_size)
+        self.sampler: str = str(cfg.get("sampler") or "multinomial")  # how tokens are drawn (mpo_exp.draws)
         self.keys: dict[str, str] = {}
         self.bank: AdapterBank | None = None  # with dpo.lora: pi_ref's weights and the pi_k adapters
         self.memo: dict[str, object] = {}  # stages added by methods (e.g. reward models) memoise here
@@ -175,6 +176,8 @@ class RunContext:
             extra["trainer"] = trainer_key(self.cfg.trainer)
         if what.samples:
             extra["sampling_batch_size"] = self.sample_batch_size
+            if self.sampler != "multinomial":  # the default adds nothing: older keys stay valid
+                extra["sampler"] = self.sampler
             if dist.world_size() > 1:
                 extra["world_size"] = dist.world_size()
         clash = sorted(set(extra) & set(spec))

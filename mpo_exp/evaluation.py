@@ -146,6 +146,13 @@ class Evaluator:
             batch = self._sample(policy, meter, stream=1)
             logp = score_sequences(*policy.live, batch, self.batch_size, meter, temperature=self.temperature)
         rewards, prompts, responses = self._rewards(batch)
-        logp_ref = score_sequences(*self.ref.live, batch, self.batch_size, meter)
+        same = self.own_logprobs and self.temperature == 1.0 and _same_policy(policy, self.ref)
+        logp_ref = logp if same else score_sequences(*self.ref.live, batch, self.batch_size, meter)
         examples = list(zip(prompts[: self.n_examples], responses[: self.n_examples], strict=True))
         return PolicyEval(rewards, float(dist.gather_cat(logp - logp_ref).mean()), examples)
+
+
+def _same_policy(a: MixedPolicy, b: MixedPolicy) -> bool:
+    """The same models with the same weights: the sampler's log-probs are the other's too."""
+    (ma, wa), (mb, wb) = a.live, b.live
+    return len(ma) == len(mb) and all(x is y for x, y in zip(ma, mb, strict=True)) and list(wa) == list(wb)

@@ -20,6 +20,7 @@ logits.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper
 
+from mpo_exp import draws
 from mpo_exp.adapters import AdapterBank, AdapterModel, shared_bank
 from mpo_exp.cost import CostMeter, n_params
 from mpo_exp.data import SequenceBatch, pad, position_ids_from_mask
@@ -184,11 +186,16 @@ def sample(
             processors = sampling_processors(weights, others, p_mask, temperature)
             if recorder is not None:
                 processors.append(recorder)
+            run_cfg = gen_cfg
+            if draws.current() != "multinomial":  # greedy over a processor that draws the token
+                processors.append(draws.DrawProcessor())
+                run_cfg = copy.copy(gen_cfg)
+                run_cfg.do_sample = False
             with model_generation_defaults_disabled(driver):
                 out = driver.generate(
                     input_ids=p_ids,
                     attention_mask=p_mask,
-                    generation_config=gen_cfg,
+                    generation_config=run_cfg,
                     logits_processor=processors,
                 )
         r_ids = out[:, p_ids.shape[1] :].cpu()
@@ -280,9 +287,10 @@ def sample_adapters(
     """Ancestral sampling from the mixture of adapter views: prompts and tokens (B, P + T).
 
     The K views' rows go through one forward per token (:class:`TokenStepper`). Each step mirrors
-    ``generate``'s sampling: the mixture's log-softmax, the temperature, one ``torch.multinomial``
-    draw per row, padding after EOS and stopping once every row has ended, so one view samples
-    token for token as its merged model does through ``generate`` with the same random state.
+    ``generate``'s sampling: the mixture's log-softmax, the temperature, one draw per row (the
+    run's sampler, :mod:`mpo_exp.draws`), padding after EOS and stopping once every row has ended,
+    so one view samples token for token as its merged model does through ``generate`` with the
+    same random state.
     """
     assert shared_bank(views) is bank
     stepper = TokenStepper(views, p_ids, p_mask)
@@ -293,7 +301,7 @@ def sample_adapters(
             scores = scores / temperature
         if recorder is not None:
             recorder.prev = torch.log_softmax(scores, dim=-1)
-        token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        token = draws.draw(torch.softmax(scores, dim=-1))
         if recorder is not None:
             recorder.record(token)
         if stepper.emit(token, gen_cfg.pad_token_id, gen_cfg.eos_token_id):

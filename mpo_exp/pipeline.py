@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig
 
 from mpo_exp import distributed as dist
-from mpo_exp import tracking
+from mpo_exp import draws, tracking
 from mpo_exp.artifacts import config_key
 from mpo_exp.context import RunContext, trainer_key
 from mpo_exp.evaluation import Evaluator
@@ -68,80 +68,81 @@ def run_pipeline(
     # rank 0 alone logs and writes; every rank computes (training and caching are collective)
     logger = tracking.build_logger(cfg, method.name, output_dir) if main else None
     try:
-        ctx = RunContext(cfg, output_dir, logger)
-        ref = ctx.reference
-        singles = ctx.single_objective_policies
-        out = method.run(ctx)
+        with draws.use(str(cfg.get("sampler") or "multinomial")):  # how tokens are drawn, this run only
+            ctx = RunContext(cfg, output_dir, logger)
+            ref = ctx.reference
+            singles = ctx.single_objective_policies
+            out = method.run(ctx)
 
-        uniform = MixedPolicy("uniform_mix", list(singles.values()), [1.0 / len(singles)] * len(singles))
-        candidates = [ref, *(MixedPolicy.single(p) for p in singles.values()), uniform, *out.policies]
-        costs = {
-            ref.name: PolicyCost(()),
-            **{p.name: dpo_policies_cost([k]) for k, p in singles.items()},
-            uniform.name: dpo_policies_cost(singles),
-            **out.costs,
-        }
-        ctx.reseed(100)
-        ev = Evaluator(
-            ctx.task,
-            ref,
-            int(cfg.eval.n_prompts),
-            ctx.seed + 2,
-            ctx.batch_size,
-            float(cfg.eval.temperature),
-            int(cfg.eval.n_examples),
-            sample_batch_size=ctx.sample_batch_size,
-            own_logprobs=ctx.dtype == "float32",
-        )
-        with ctx.meter.stage("eval/pi_ref_baseline"):
-            baseline = ev.reference_rewards(ctx.meter)
-        policies, examples = {}, {}
-        partial = output_dir / "evaluations.partial.jsonl"
-        if main:
-            partial.unlink(missing_ok=True)
-        for pol in candidates:
-            with ctx.meter.stage(f"eval/{pol.name}"):
-                res = ev.evaluate(pol, ctx.meter)
-            policies[pol.name] = res.summary(ctx.task.objectives, baseline)
-            examples[pol.name] = res.examples
+            uniform = MixedPolicy("uniform_mix", list(singles.values()), [1.0 / len(singles)] * len(singles))
+            candidates = [ref, *(MixedPolicy.single(p) for p in singles.values()), uniform, *out.policies]
+            costs = {
+                ref.name: PolicyCost(()),
+                **{p.name: dpo_policies_cost([k]) for k, p in singles.items()},
+                uniform.name: dpo_policies_cost(singles),
+                **out.costs,
+            }
+            ctx.reseed(100)
+            ev = Evaluator(
+                ctx.task,
+                ref,
+                int(cfg.eval.n_prompts),
+                ctx.seed + 2,
+                ctx.batch_size,
+                float(cfg.eval.temperature),
+                int(cfg.eval.n_examples),
+                sample_batch_size=ctx.sample_batch_size,
+                own_logprobs=ctx.dtype == "float32",
+            )
+            with ctx.meter.stage("eval/pi_ref_baseline"):
+                baseline = ev.reference_rewards(ctx.meter)
+            policies, examples = {}, {}
+            partial = output_dir / "evaluations.partial.jsonl"
             if main:
-                _append_partial(partial, {"policy": pol.name, **policies[pol.name]})
+                partial.unlink(missing_ok=True)
+            for pol in candidates:
+                with ctx.meter.stage(f"eval/{pol.name}"):
+                    res = ev.evaluate(pol, ctx.meter)
+                policies[pol.name] = res.summary(ctx.task.objectives, baseline)
+                examples[pol.name] = res.examples
+                if main:
+                    _append_partial(partial, {"policy": pol.name, **policies[pol.name]})
 
-        policy_costs = {name: cost.resolve(ctx.meter.stages) for name, cost in costs.items()}
-        results = {
-            "method": method.name,
-            "seed": ctx.seed,
-            "beta": ctx.beta,
-            "objectives": ctx.task.objectives,
-            "lambda": [out.weights[o] for o in ctx.task.objectives] if out.weights else None,
-            "method_policies": [p.name for p in out.policies],
-            "policies": policies,
-            "cost": ctx.meter.as_dict(),
-            # the stages behind each policy, and their sums (MaxMin's two variants each pay for one RL run)
-            "policy_costs": policy_costs,
-            "cost_summary": {
-                name: {part: ctx.meter.sum(names).as_dict() for part, names in parts.items()}
-                for name, parts in policy_costs.items()
-            },
-            "artifacts": dict(ctx.keys),
-            "run_key": run_key,
-            # what the report groups rows by, and the pi_ref responses its bootstrap pairs runs on
-            "config": result_config(cfg),
-            "pi_ref_fingerprint": ev.fingerprint,
-            "examples": examples,
-            "wall_s_this_run": time.perf_counter() - start,
-            **out.extras,
-        }
-        if distributed:
-            results["world_size"] = dist.world_size()
-        if not main:
+            policy_costs = {name: cost.resolve(ctx.meter.stages) for name, cost in costs.items()}
+            results = {
+                "method": method.name,
+                "seed": ctx.seed,
+                "beta": ctx.beta,
+                "objectives": ctx.task.objectives,
+                "lambda": [out.weights[o] for o in ctx.task.objectives] if out.weights else None,
+                "method_policies": [p.name for p in out.policies],
+                "policies": policies,
+                "cost": ctx.meter.as_dict(),
+                # the stages behind each policy, and their sums (MaxMin's two variants: one RL run each)
+                "policy_costs": policy_costs,
+                "cost_summary": {
+                    name: {part: ctx.meter.sum(names).as_dict() for part, names in parts.items()}
+                    for name, parts in policy_costs.items()
+                },
+                "artifacts": dict(ctx.keys),
+                "run_key": run_key,
+                # what the report groups rows by, and the pi_ref responses its bootstrap pairs runs on
+                "config": result_config(cfg),
+                "pi_ref_fingerprint": ev.fingerprint,
+                "examples": examples,
+                "wall_s_this_run": time.perf_counter() - start,
+                **out.extras,
+            }
+            if distributed:
+                results["world_size"] = dist.world_size()
+            if not main:
+                return results
+            if announce is not None:
+                announce(results)
+            write_results(results, output_dir)
+            partial.unlink(missing_ok=True)
+            tracking.log_results(logger, results)
             return results
-        if announce is not None:
-            announce(results)
-        write_results(results, output_dir)
-        partial.unlink(missing_ok=True)
-        tracking.log_results(logger, results)
-        return results
     finally:
         tracking.finish(logger)
 

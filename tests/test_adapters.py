@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mpo_exp import draws
 from mpo_exp.adapters import BASE, AdapterBank, AdapterModel, full_model, lora_config, shared_bank
 from mpo_exp.cost import n_params
 from mpo_exp.generation import encode_prompts, sample
@@ -126,8 +127,14 @@ def test_one_hot_adapter_decoder_reproduces_pi_k_exactly(bank_and_merged, sample
     assert torch.equal(from_views.response_mask, from_merged.response_mask)
 
 
-def test_mixed_adapter_decoding_samples_like_the_merged_mixture(bank_and_merged, samples):
+@pytest.mark.parametrize("sampler", draws.SAMPLERS)
+def test_mixed_adapter_decoding_samples_like_the_merged_mixture(bank_and_merged, samples, sampler):
     """One forward per token over K blocks of rows = the K-model LogitsProcessor decoder."""
+    with draws.use(sampler):
+        _check_mixed_adapter_decoding(bank_and_merged, samples)
+
+
+def _check_mixed_adapter_decoding(bank_and_merged, samples):
     _, views, merged = bank_and_merged
     _, prompts = samples
     tok = merged[0].tokenizer

@@ -148,3 +148,14 @@ def test_the_kl_column_is_of_the_distribution_sampled(toy_task, tiny_policies):
         own.reference_rewards()
         assert own.evaluate(ref).kl == pytest.approx(kls[t], abs=1e-4)
     assert kls[1.0] == pytest.approx(0, abs=1e-6) and kls[0.5] > 0.01  # was 0 at every T
+
+    # pi_ref evaluated against itself with its own log-probs: no scoring pass, a KL of exactly 0
+    from mpo_exp.cost import CostMeter
+
+    meter, own = CostMeter(), Evaluator(toy_task, ref, n_prompts=64, seed=0, own_logprobs=True)
+    own.reference_rewards()
+    with meter.stage("ref"):
+        assert own.evaluate(ref, meter).kl == 0.0
+    with meter.stage("other"):
+        own.evaluate(MixedPolicy.single(tiny_policies[1]), meter)
+    assert meter.stages["other"].tokens_fwd > meter.stages["ref"].tokens_fwd > 0

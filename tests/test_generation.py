@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig
 
+from mpo_exp import draws
 from mpo_exp.data import pad, position_ids_from_mask
 from mpo_exp.generation import encode_prompts, sample
 from mpo_exp.mpo.mixing import MixedPolicy, MixtureLogitsProcessor
@@ -59,8 +60,8 @@ def saved_policies(tmp_path_factory):
 
 @torch.no_grad()
 def hand_rolled_sampler(models, weights, prompts, max_new_tokens, temperature, tok) -> list[list[int]]:
-    """Ancestral sampling from softmax(mixture_log_softmax / T), full forward passes, one
-    ``torch.multinomial`` over the batch per step: the RNG stream ``generate`` uses."""
+    """Ancestral sampling from softmax(mixture_log_softmax / T), full forward passes, one draw over
+    the batch per step with the current sampler: the RNG stream ``generate`` uses."""
     ids, mask = pad(prompts, tok.pad_token_id, left=True)
     done = torch.zeros(len(prompts), dtype=torch.bool)
     steps = []
@@ -72,7 +73,7 @@ def hand_rolled_sampler(models, weights, prompts, max_new_tokens, temperature, t
         scores = logits[0] if len(models) == 1 else mixture_log_softmax(logits, weights)
         if temperature != 1.0:
             scores = scores / temperature
-        nxt = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        nxt = draws.draw(F.softmax(scores, dim=-1))
         nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
         steps.append(nxt)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
@@ -87,16 +88,25 @@ def hand_rolled_sampler(models, weights, prompts, max_new_tokens, temperature, t
     return out
 
 
+@pytest.mark.parametrize("sampler", draws.SAMPLERS)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_single_policy_samples_exactly_pi(saved_policies, temperature):
+def test_single_policy_samples_exactly_pi(saved_policies, temperature, sampler):
     policy = saved_policies[0]
     tok = policy.tokenizer
     prompts = encode_prompts(tok, PROMPTS)
-    torch.manual_seed(123)
-    batch = sample(MixedPolicy.single(policy), prompts, MAX_NEW, temperature=temperature)
-    torch.manual_seed(123)
-    expected = hand_rolled_sampler([policy.model], [1.0], prompts, MAX_NEW, temperature, tok)
+    with draws.use(sampler):
+        torch.manual_seed(123)
+        batch = sample(MixedPolicy.single(policy), prompts, MAX_NEW, temperature=temperature)
+        torch.manual_seed(123)
+        expected = hand_rolled_sampler([policy.model], [1.0], prompts, MAX_NEW, temperature, tok)
     assert batch.responses() == expected
+    torch.manual_seed(123)
+    other = "inverse_cdf" if sampler == "multinomial" else "multinomial"
+    with draws.use(other):  # the setting is not ignored: the same seed draws other tokens
+        assert (
+            sample(MixedPolicy.single(policy), prompts, MAX_NEW, temperature=temperature).responses()
+            != expected
+        )
 
 
 def test_mixed_policy_samples_exactly_the_mixture_and_sees_raw_scores(saved_policies, monkeypatch):
@@ -155,8 +165,9 @@ def test_sample_rejects_a_non_positive_temperature(saved_policies):
         sample(MixedPolicy.single(policy), encode_prompts(policy.tokenizer, PROMPTS[:1]), 2, temperature=0.0)
 
 
+@pytest.mark.parametrize("sampler", draws.SAMPLERS)
 @pytest.mark.parametrize(("weights", "temperature"), [([1.0], 1.0), ([0.2, 0.5, 0.3], 0.7)])
-def test_the_samplers_own_log_probs_are_the_scored_ones(saved_policies, weights, temperature):
+def test_the_samplers_own_log_probs_are_the_scored_ones(saved_policies, weights, temperature, sampler):
     """with_logprobs: the same samples (same random stream), and each response's log-prob under the
     distribution it was drawn from equals teacher-forced scoring at that temperature (fp32)."""
     from mpo_exp.scoring import score_sequences
@@ -165,10 +176,11 @@ def test_the_samplers_own_log_probs_are_the_scored_ones(saved_policies, weights,
     pol = MixedPolicy("m", policies, weights) if len(weights) > 1 else MixedPolicy.single(policies[0])
     prompts = encode_prompts(policies[0].tokenizer, PROMPTS * 6)
     n = 40  # long enough that some rows draw EOS: the mask matters
-    torch.manual_seed(5)
-    plain = sample(pol, prompts, n, batch_size=16, temperature=temperature)
-    torch.manual_seed(5)
-    batch, logp = sample(pol, prompts, n, batch_size=16, temperature=temperature, with_logprobs=True)
+    with draws.use(sampler):
+        torch.manual_seed(5)
+        plain = sample(pol, prompts, n, batch_size=16, temperature=temperature)
+        torch.manual_seed(5)
+        batch, logp = sample(pol, prompts, n, batch_size=16, temperature=temperature, with_logprobs=True)
     assert batch.responses() == plain.responses()
     assert (batch.response_mask.sum(-1) < n).any()
     scored = score_sequences(*pol.live, batch, temperature=temperature)

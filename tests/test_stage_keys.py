@@ -22,6 +22,7 @@ RESULT_CHANGING = [
     ("+trainer.gradient_clip_algorithm=value", "trains"),
     ("inference_batch_size=7", "samples"),  # the sampling batch follows it unless set
     ("sampling_batch_size=7", "samples"),
+    ("sampler=inverse_cdf", "samples"),
 ]
 WHERE_NOT_WHAT = [
     "paths.cache_dir=/elsewhere/cache",

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from mpo_exp import draws
 from mpo_exp.adapters import shared_bank
 from mpo_exp.cost import CostMeter, n_params
 from mpo_exp.data import SequenceBatch, pad
@@ -132,7 +133,7 @@ def decode_kl(
             kl_t = torch.einsum("bv,ebv->be", p, diff)
             centred = logp_e - torch.einsum("bv,fbv->fb", p, logp_e).unsqueeze(-1)  # log pi_f - E_p log pi_f
             dkl_t = torch.einsum("bv,ebv,fbv->bef", p, diff, centred)  # Cov_p(log pi_f, log p - log pi_e)
-            token = torch.multinomial(p, num_samples=1).squeeze(1)
+            token = draws.draw(p)
             alive = (~stepper.done).to(p.dtype)
             score_t = centred.gather(-1, token.view(1, b, 1).expand(len(models), b, 1)).squeeze(-1).T
             kls.append(kl_t * alive.unsqueeze(-1))
