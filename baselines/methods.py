@@ -16,6 +16,7 @@ from baselines.reward_model import RewardModel, bt_loss, reference_scores, rewar
 from baselines.rl import rl_budget, rl_train_prompts, train_rl_policy
 from baselines.soups import average_state_dicts
 from mpo_exp.adapters import full_model
+from mpo_exp.cost import StageCost
 from mpo_exp.generation import encode_prompts
 from mpo_exp.methods import Method, MethodOutput, PolicyCost, dpo_policies_cost
 from mpo_exp.mpo.mixing import MixedPolicy
@@ -49,6 +50,29 @@ def _normalizer(ctx: RunContext, rms: list[RewardModel], keys: list[str], how: s
         by_ids.setdefault(tuple(ids), text)
     scores = reference_scores(ctx, models, keys, prompts=list(by_ids.values()))
     return Normalizer.fit(scores, how, ctx.beta, prompts=list(by_ids))
+
+
+def _add_checkpoints(
+    ctx: RunContext,
+    rl_stage: str,
+    cost: PolicyCost,
+    checkpoints: list[tuple[Policy, dict]],
+    policies: list[MixedPolicy],
+    costs: dict[str, PolicyCost],
+) -> None:
+    """The RL policy after each of ``rl.checkpoints`` iterations, as a policy of its own: its cost
+    is the final policy's with the RL stage cut at that iteration (a stage ``checkpoint/<name>``
+    holding the RL cost so far, outside every other policy's cost)."""
+    reused = ctx.meter.stages[rl_stage].reused
+    for ck, point in checkpoints:
+        stage = f"checkpoint/{ck.name}"
+        so_far = {k: point[k] for k in ("wall_s", "tokens_fwd", "tokens_bwd", "flops")}
+        ctx.meter.record(stage, StageCost(**so_far, reused=reused))
+        policies.append(MixedPolicy.single(ck))
+        costs[ck.name] = PolicyCost(
+            tuple(stage if e == rl_stage else e for e in cost.total),
+            tuple(stage if e == rl_stage else e for e in cost.post_processing),
+        )
 
 
 def _rl_budget(ctx: RunContext, history: list[dict]) -> dict:
@@ -90,7 +114,7 @@ class MORLHFMethod(Method):
         norm = _normalizer(ctx, rms, keys, self.normalization)
         label = "morlhf" + (f"_{uw.suffix}" if uw.suffix else "")
         spec = {"method": "morlhf", "weights": w, "normalizer": norm.spec(), "rms": keys}
-        policy, history = train_rl_policy(
+        policy, history, checkpoints = train_rl_policy(
             ctx,
             label,
             spec,
@@ -99,9 +123,11 @@ class MORLHFMethod(Method):
         cost = rl_cost([f"rm/{o}" for o in objectives], f"rl/{label}")
         if uw.shared or uw.own:  # MPO's lambda: the pi_k and MPO's own stages come with it
             cost = PolicyCost((*cost.total, *uw.shared, *uw.own), (*cost.post_processing, *uw.own))
+        policies, costs = [MixedPolicy.single(policy)], {label: cost}
+        _add_checkpoints(ctx, f"rl/{label}", cost, checkpoints, policies, costs)
         return MethodOutput(
-            [MixedPolicy.single(policy)],
-            costs={label: cost},
+            policies,
+            costs=costs,
             weights=dict(zip(objectives, w, strict=True)),
             extras={
                 **uw.extras,
@@ -109,6 +135,7 @@ class MORLHFMethod(Method):
                 "reward_normalization": self.normalization,
                 "rl_history": {label: history},
                 "rl_budget": {label: _rl_budget(ctx, history)},
+                "rl_checkpoints": {label: [p for _, p in checkpoints]},
             },
         )
 
@@ -142,7 +169,12 @@ class MaxMinRLHFMethod(Method):
         self.em = {"users": 24, "iterations": 5, "rm_steps": 40, **(dict(em) if em else {})}
 
     def run(self, ctx: RunContext) -> MethodOutput:
-        extras: dict = {"rl_history": {}, "rl_budget": {}, "reward_normalization": self.normalization}
+        extras: dict = {
+            "rl_history": {},
+            "rl_budget": {},
+            "rl_checkpoints": {},
+            "reward_normalization": self.normalization,
+        }
         if self.groups == "known":
             rms = list(reward_models(ctx).values())
             rm_keys = [ctx.keys[f"rm/{o}"] for o in ctx.task.objectives]
@@ -165,7 +197,7 @@ class MaxMinRLHFMethod(Method):
                 "normalizer": norm.spec(),
                 "rms": rm_keys,
             }
-            policy, history = train_rl_policy(
+            policy, history, checkpoints = train_rl_policy(
                 ctx,
                 label,
                 spec,
@@ -175,6 +207,8 @@ class MaxMinRLHFMethod(Method):
             )
             policies.append(MixedPolicy.single(policy))
             costs[label] = rl_cost(rm_stages, f"rl/{label}")
+            _add_checkpoints(ctx, f"rl/{label}", costs[label], checkpoints, policies, costs)
+            extras["rl_checkpoints"][label] = [p for _, p in checkpoints]
             extras["rl_history"][label] = history
             extras["rl_budget"][label] = _rl_budget(ctx, history)
         return MethodOutput(policies, costs=costs, extras=extras)

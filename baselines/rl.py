@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytorch_lightning as pl
 from hydra.utils import instantiate
 
 from baselines.ppo import RewardFn, prompt_collate
+from mpo_exp.cost import CostMeter
 from mpo_exp.generation import encode_prompts
 from mpo_exp.policies import Policy, load_policy, save_policy
 
@@ -51,14 +55,57 @@ def rl_budget(history: list[dict], beta: float, batch_size: int, tol: float) -> 
     }
 
 
+class RLCheckpoints(pl.Callback):
+    """Saves the policy after the chosen RL iterations, with the RL stage's cost up to then: the
+    points of a cost-to-quality curve. The saving itself is not timed."""
+
+    def __init__(self, iterations: list[int], save: Callable[[int], None], meter: CostMeter) -> None:
+        self.iterations, self.save, self.meter = sorted(set(iterations)), save, meter
+        self.points: list[dict] = []
+        self.start, self.saving = 0.0, 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        done = len(pl_module.history)
+        if done not in self.iterations or any(p["iteration"] == done for p in self.points):
+            return
+        cost = self.meter.current
+        point = {"iteration": done, **(cost.as_dict() if cost is not None else {})}
+        point["wall_s"] = time.perf_counter() - self.start - self.saving
+        t = time.perf_counter()
+        self.save(done)
+        self.saving += time.perf_counter() - t
+        self.points.append(point)
+
+
+def rl_spec(cfg: dict) -> dict:
+    """The RL settings that change the trained artifact (its cache key): ``plateau_tol`` is a
+    reading of the run, and ``checkpoints`` count only when there are some (older keys stay)."""
+    spec = {k: v for k, v in cfg.items() if k != "plateau_tol"}
+    if not spec.get("checkpoints"):
+        spec.pop("checkpoints", None)
+    return spec
+
+
+def checkpoint_name(label: str, iteration: int) -> str:
+    """The policy saved after ``iteration`` RL iterations: ``morlhf@it8``."""
+    return f"{label}@it{iteration}"
+
+
 def train_rl_policy(
     ctx: RunContext, name: str, spec: dict, make_reward_fn: Callable[[], RewardFn]
-) -> tuple[Policy, list[dict]]:
-    """Train (or reuse) an RL policy; ``spec`` must identify the reward function completely."""
+) -> tuple[Policy, list[dict], list[tuple[Policy, dict]]]:
+    """Train (or reuse) an RL policy; ``spec`` must identify the reward function completely.
+
+    Returns the policy, its per-iteration history and, for each of ``rl.checkpoints``, the policy
+    after that many iterations with the RL stage's cost up to then.
+    """
     cfg = ctx.cfg.rl
     full_spec = {
         "ref": ctx.keys["sft"],
-        "rl": {k: v for k, v in ctx.plain(cfg).items() if k != "plateau_tol"},  # a reading, not a setting
+        "rl": rl_spec(ctx.plain(cfg)),
         "beta": ctx.beta,
         "seed": ctx.seed,
         "max_new_tokens": ctx.task.max_new_tokens,
@@ -85,17 +132,37 @@ def train_rl_policy(
             cfg.batch_size,
             ctx.beta,
         )
+
+        def save_checkpoint(iteration: int) -> None:
+            merged = ctx.model_spec.mergeable(copy.deepcopy(policy.model))  # training goes on
+            save_policy(Policy(name, merged, policy.tokenizer), tmp / "checkpoints" / f"it{iteration}")
+
+        saver = RLCheckpoints(list(cfg.get("checkpoints") or []), save_checkpoint, ctx.meter)
         ctx.fit(
             module,
             prompts,
             prompt_collate,
             cfg,
             max_steps=int(cfg.iterations) * module.optimizer_steps_per_iteration,
+            callbacks=[saver] if saver.iterations else [],
         )
         policy.model = ctx.model_spec.mergeable(policy.model)
         save_policy(policy, tmp)
         (tmp / "history.json").write_text(json.dumps(module.history))
+        (tmp / "checkpoints.json").write_text(json.dumps(saver.points))
 
     art = ctx.cached_stage(f"rl/{name}", "rl_policy", full_spec, build)
     history = json.loads((art.path / "history.json").read_text())
-    return load_policy(art.path, name=name, dtype=ctx.dtype).eval(), history
+    points = json.loads(f.read_text()) if (f := art.path / "checkpoints.json").exists() else []
+    checkpoints = [
+        (
+            load_policy(
+                art.path / "checkpoints" / f"it{p['iteration']}",
+                name=checkpoint_name(name, p["iteration"]),
+                dtype=ctx.dtype,
+            ).eval(),
+            p,
+        )
+        for p in points
+    ]
+    return load_policy(art.path, name=name, dtype=ctx.dtype).eval(), history, checkpoints

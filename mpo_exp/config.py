@@ -318,6 +318,22 @@ def _check_paths(cfg: DictConfig) -> None:
                     check_model_path(f"task.objectives.{name}.model", spec.model)
 
 
+def _check_checkpoints(cfg: DictConfig) -> None:
+    """``rl.checkpoints``: distinct iterations in [1, rl.iterations) (the last is the policy itself)."""
+    points = OmegaConf.select(cfg, "rl.checkpoints")
+    if not points:
+        return
+    iterations = OmegaConf.select(cfg, "rl.iterations")
+    if not isinstance(points, ListConfig) or not all(_is_int(p) for p in points):
+        raise ConfigError(f"rl.checkpoints must be a list of iterations, got rl.checkpoints={points!r}")
+    bad = [p for p in points if not 1 <= p < iterations]
+    if bad or len(set(points)) != len(points):
+        raise ConfigError(
+            f"rl.checkpoints must be distinct iterations in [1, rl.iterations={iterations}), "
+            f"got {list(points)}"
+        )
+
+
 def _check_lora(cfg: DictConfig, field: str) -> None:
     """``model.lora`` / ``dpo.lora``, one schema (r = 0 or null: off): known keys, r, alpha, dropout."""
     lora = OmegaConf.select(cfg, field)
@@ -389,6 +405,7 @@ def validate_config(cfg: DictConfig, check_paths: bool = True) -> None:
         ok, what = _RANGE_TESTS[rule]
         if value is not None and not ok(value):
             raise ConfigError(f"{field} must be {what}, got {field}={value!r}")
+    _check_checkpoints(cfg)
     if (OmegaConf.select(cfg, "reward_model.plateau.every") or 0) > 0 and not OmegaConf.select(
         cfg, "reward_model.heldout_fraction"
     ):

@@ -267,6 +267,50 @@ def test_reward_models_stop_at_their_held_out_plateau_and_runs_record_the_budget
     assert rl["prompts_per_iteration"] == int(cfg.rl.batch_size)
 
 
+def test_rl_checkpoints_are_evaluated_with_the_rl_cost_up_to_them(smoke_cfg, tmp_path):
+    """rl.checkpoints=[1,2] of 3 iterations: two more policies, each charged the reward models,
+    the normaliser and the RL stage cut at its iteration; their weights are neither pi_ref's
+    nor the final policy's."""
+    from mpo_exp.pipeline import run_pipeline
+
+    res = run_pipeline(smoke_cfg("method=morlhf", "rl.checkpoints=[1,2]"), tmp_path / "run")
+    points = res["rl_checkpoints"]["morlhf"]
+    assert [p["iteration"] for p in points] == [1, 2]
+    final = res["cost"]["rl/morlhf"]
+    assert 0 < points[0]["flops"] < points[1]["flops"] < final["flops"]
+    assert 0 < points[0]["wall_s"] < points[1]["wall_s"] < final["wall_s"]
+    for p in points:
+        name = f"morlhf@it{p['iteration']}"
+        assert name in res["policies"] and name in res["method_policies"]
+        total = res["policy_costs"][name]["total"]
+        assert f"checkpoint/{name}" in total and "rl/morlhf" not in total
+        shared = set(res["policy_costs"]["morlhf"]["total"]) - {"rl/morlhf"}
+        assert set(total) - {f"checkpoint/{name}"} == shared
+        assert res["cost_summary"][name]["total"]["flops"] < res["cost_summary"]["morlhf"]["total"]["flops"]
+    (art,) = (tmp_path / "cache").glob("rl_policy/*/checkpoints")
+    from safetensors.torch import load_file
+
+    def weights(d):
+        return load_file(str(next(d.glob("*.safetensors"))))
+
+    first, last = weights(art / "it1"), weights(art.parent)
+    (ref,) = [p for p in (tmp_path / "cache").glob("sft/*") if p.is_dir()]
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+    assert any(not torch.equal(first[k], weights(ref)[k]) for k in first if k in weights(ref))
+
+
+def test_rl_checkpoints_are_checked_and_keyed_only_when_set(smoke_cfg):
+    from baselines.rl import rl_spec
+    from mpo_exp.config import ConfigError, validate_config
+
+    for bad in ("[0]", "[3]", "[1,1]"):
+        with pytest.raises(ConfigError, match="rl.checkpoints"):
+            validate_config(smoke_cfg(f"rl.checkpoints={bad}"), check_paths=False)
+    base = {"iterations": 3, "plateau_tol": 0.02}
+    assert rl_spec({**base, "checkpoints": []}) == rl_spec(base) == {"iterations": 3}
+    assert rl_spec({**base, "checkpoints": [1]})["checkpoints"] == [1]
+
+
 def test_the_plateau_rule_is_in_a_reward_models_key_only_when_on():
     from baselines.reward_model import rm_training_spec
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from mpo_exp.report.ablation import ablation_markdown
 from mpo_exp.report.closed_form import closed_form_markdown
 from mpo_exp.report.cost import cost_markdown, cost_rows
+from mpo_exp.report.curves import collect_curves, curve_plots, curves_markdown
 from mpo_exp.report.fronts import collect_fronts
 from mpo_exp.report.fronts_table import fronts_csv, fronts_markdown
 from mpo_exp.report.lambdas import lambda_markdown, lambda_rows
@@ -100,6 +101,7 @@ def build_report(
         "fixed_weights": [],
         "options": [],
         "landscape": [],
+        "curves": [],
     }
     report_parts: list[str] = []
     rows, costs, lambdas, images, dups, tables, all_fronts = [], [], [], [], [], [], []
@@ -128,6 +130,8 @@ def build_report(
         options = options_markdown(objectives, runs, records, boot)
         land_md, land_images = landscapes(runs, out, suffix, plots)
         images += land_images
+        curves = collect_curves(runs)
+        curves_md = curves_markdown(curves)
         fronts, refs = collect_fronts(objectives, runs, boot)
         fixed = fronts_markdown(objectives, fronts, refs) if fronts else None
         if fronts:
@@ -141,6 +145,7 @@ def build_report(
             ("fixed_weights", fixed),
             ("options", options),
             ("landscape", land_md),
+            ("curves", curves_md),
         ):
             if text:
                 md_parts[key].append(f"{heading}\n\n{text}" if multi else text)
@@ -159,9 +164,12 @@ def build_report(
             report_parts += ["", f"{h} MPO's variants (objective, proposal, calibration)", "", options]
         if land_md:
             report_parts += ["", f"{h} λ landscapes", "", land_md]
+        if curves_md:
+            report_parts += ["", f"{h} Cost to quality (RL checkpoints)", "", curves_md]
         if plots:
             images += make_plots(objectives, runs, t1.rows, group_costs, out, suffix)
             images += front_plots(objectives, fronts, refs, out, suffix)
+            images += curve_plots(curves, out, suffix)
         rows += t1.rows
         costs += group_costs
         lambdas += lam_rows
@@ -175,7 +183,7 @@ def build_report(
     texts = {key: "\n\n".join(parts) or None for key, parts in md_parts.items()}
     (out / "table1.md").write_text(table1_md + "\n")
     (out / "cost.md").write_text(texts["cost"] + "\n")
-    for key in ("lambda", "ablation", "closed_form", "fixed_weights", "options", "landscape"):
+    for key in ("lambda", "ablation", "closed_form", "fixed_weights", "options", "landscape", "curves"):
         if texts[key]:
             (out / f"{key}.md").write_text(texts[key] + "\n")
 
@@ -208,6 +216,7 @@ def build_report(
         "fixed_weights": texts["fixed_weights"],
         "options": texts["options"],
         "landscape": texts["landscape"],
+        "curves": texts["curves"],
         "fronts": all_fronts,
         "duplicates": dups,
         "images": images,

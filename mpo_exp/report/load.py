@@ -367,10 +367,13 @@ def row_normalization(res: dict, name: str) -> str | None:
 
 
 def in_table1(name: str) -> bool:
-    """Every row but fixed user weights (the Pareto fronts' table) and leave-one-out (the ablation).
+    """Every row but fixed user weights (the Pareto fronts' table), leave-one-out (the ablation) and
+    RL checkpoints (``morlhf@it8``).
 
     Methods that take weights are here with uniform weights and with MPO's λ.
     """
+    if "@it" in name:  # an RL checkpoint: a point of a cost-to-quality curve, not a row
+        return False
     return parse_weights(name) is None and not (name.startswith("mpo") and "_without_" in name)
 
 

@@ -1,0 +1,168 @@
+"""Cost-to-quality curves: worst-objective win rate against the FLOPs (and wall seconds) a policy cost.
+
+A method that trains by RL is a curve: the policies saved along its training (``<label>@it<n>``,
+``rl.checkpoints``) and its final policy, each charged its cost up to then (``cost_summary``).
+Every other policy is a point. Values are means over the seeds of one β that hold the policy;
+the x-axis is the policy's total cost (shared stages included: MPO pays for its π_k).
+
+From the curves: the FLOPs a method needed to reach MPO's worst-objective win rate (the first
+point at or above it), or "not reached" within its budget -- the paper's cost claim, on one meter.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+CHECKPOINT = re.compile(r"^(?P<label>.+)@it(?P<it>\d+)$")
+#: the MPO row the curves are compared with: the run's default (decoded) MPO, else the paper's
+MPO_NAMES = ("mpo_decoded", "mpo")
+
+
+def _family(name: str) -> tuple[str, int | None]:
+    """(curve label, iteration) of a checkpoint; (name, None) for any other policy."""
+    m = CHECKPOINT.match(name)
+    return (m["label"], int(m["it"])) if m else (name, None)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def collect_curves(runs: Iterable[dict]) -> dict[float, dict[str, list[dict]]]:
+    """Per β, per policy family: its points in order of cost (mean over seeds).
+
+    A point: ``iteration`` (None for a final or a non-RL policy), ``flops``, ``wall_s``,
+    ``min_win`` and the number of seeds ``n``. A family with checkpoints is a curve (its final
+    policy last); the others are single points.
+    """
+    acc: dict[float, dict[tuple[str, int | None], dict[str, list[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
+    for res in runs:
+        beta = float(res.get("beta", math.nan))
+        for name, pol in res.get("policies", {}).items():
+            cost = res.get("cost_summary", {}).get(name, {}).get("total")
+            if cost is None:
+                continue
+            family, it = _family(name)
+            cell = acc[beta][(family, it)]
+            cell["flops"].append(float(cost["flops"]))
+            cell["wall_s"].append(float(cost["wall_s"]))
+            cell["min_win"].append(float(pol["min_win_rate"]))
+    out: dict[float, dict[str, list[dict]]] = {}
+    for beta, cells in acc.items():
+        fams: dict[str, list[dict]] = defaultdict(list)
+        for (family, it), v in cells.items():
+            point = {k: _mean(v[k]) for k in ("flops", "wall_s", "min_win")}
+            fams[family].append({"iteration": it, **point, "n": len(v["min_win"])})
+        for points in fams.values():  # the final policy has no iteration number: it comes last
+            points.sort(key=lambda p: math.inf if p["iteration"] is None else p["iteration"])
+        out[beta] = dict(fams)
+    return out
+
+
+def is_curve(points: list[dict]) -> bool:
+    return any(p["iteration"] is not None for p in points)
+
+
+def reach_mpo(curves: dict[str, list[dict]]) -> list[dict]:
+    """For each curve: FLOPs and wall seconds of its first point at or above MPO's mean min win."""
+    mpo = next((curves[n][0] for n in MPO_NAMES if n in curves), None)
+    if mpo is None:
+        return []
+    rows = []
+    for family, points in sorted(curves.items()):
+        if not is_curve(points):
+            continue
+        hit = next((p for p in points if p["min_win"] >= mpo["min_win"]), None)
+        rows.append(
+            {
+                "method": family,
+                "target": mpo["min_win"],
+                "mpo_flops": mpo["flops"],
+                "reached": hit is not None,
+                "flops": None if hit is None else hit["flops"],
+                "wall_s": None if hit is None else hit["wall_s"],
+                "budget_flops": points[-1]["flops"],
+                "best_min_win": max(p["min_win"] for p in points),
+            }
+        )
+    return rows
+
+
+def curves_markdown(curves_by_beta: dict[float, dict[str, list[dict]]]) -> str | None:
+    """Per β: each curve's points, and how much it cost to reach MPO's worst-objective win rate."""
+    parts = []
+    for beta, curves in sorted(curves_by_beta.items()):
+        if not any(is_curve(p) for p in curves.values()):
+            continue
+        lines = [
+            f"β = {beta:g}: worst-objective win rate vs π_ref (%) against total FLOPs, mean over seeds",
+            "",
+            "| policy | RL iterations | FLOPs | wall s | min win | seeds |",
+            "|---|---|---|---|---|---|",
+        ]
+        for family, points in sorted(curves.items()):
+            for p in points:
+                it = "final" if p["iteration"] is None else str(p["iteration"])
+                it = it if is_curve(points) else "–"
+                lines.append(
+                    f"| {family} | {it} | {p['flops']:.3g} | {p['wall_s']:.0f} | "
+                    f"{100 * p['min_win']:.1f} | {p['n']} |"
+                )
+        reach = reach_mpo(curves)
+        if reach:
+            lines += ["", "| method | reaches MPO's min win? | FLOPs then | × MPO's FLOPs | budget FLOPs |"]
+            lines.append("|---|---|---|---|---|")
+            for r in reach:
+                target = f"{100 * r['target']:.1f}%"
+                if r["reached"]:
+                    lines.append(
+                        f"| {r['method']} | yes ({target}) | {r['flops']:.3g} | "
+                        f"{r['flops'] / r['mpo_flops']:.1f} | {r['budget_flops']:.3g} |"
+                    )
+                else:
+                    lines.append(
+                        f"| {r['method']} | not within its budget (best {100 * r['best_min_win']:.1f}% "
+                        f"< {target}) | – | – | {r['budget_flops']:.3g} |"
+                    )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) or None
+
+
+def curve_plots(
+    curves_by_beta: dict[float, dict[str, list[dict]]], out: Path, suffix: str = ""
+) -> list[Path]:
+    """One PNG per β with a curve: min win rate against FLOPs (log scale); non-RL policies as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for beta, curves in sorted(curves_by_beta.items()):
+        if not any(is_curve(p) for p in curves.values()):
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for family, points in sorted(curves.items()):
+            xs, ys = [p["flops"] for p in points], [100 * p["min_win"] for p in points]
+            if is_curve(points):
+                ax.plot(xs, ys, marker="o", label=family)
+            elif all(x > 0 for x in xs):
+                ax.scatter(xs, ys, marker="*" if family in MPO_NAMES else "s", s=70, label=family, zorder=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("total FLOPs (shared stages included)")
+        ax.set_ylabel("worst-objective win rate vs π_ref (%)")
+        ax.set_title(f"Cost to quality, β = {beta:g}")
+        ax.axhline(50, color="grey", lw=0.6, ls=":")
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path = out / f"cost_to_quality_beta{beta:g}{suffix}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -1,0 +1,68 @@
+"""Cost-to-quality curves from RL checkpoints (mpo_exp/report/curves.py), on hand-made results."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpo_exp.report.curves import collect_curves, curve_plots, curves_markdown, reach_mpo
+from mpo_exp.report.load import in_table1
+
+
+def _run(seed: int, policies: dict[str, tuple[float, float]], beta: float = 0.1) -> dict:
+    """policies: name -> (total FLOPs, min win rate)."""
+    return {
+        "seed": seed,
+        "beta": beta,
+        "policies": {n: {"min_win_rate": w} for n, (_, w) in policies.items()},
+        "cost_summary": {n: {"total": {"flops": f, "wall_s": f / 1e10}} for n, (f, _) in policies.items()},
+    }
+
+
+RUNS = [
+    _run(
+        s,
+        {
+            "pi_ref": (0.0, 0.5),
+            "mpo_decoded": (1e12, 0.55 + d),
+            "uniform_mix": (0.9e12, 0.52),
+            "morlhf@it2": (2e12, 0.45 + d),
+            "morlhf@it1": (1e12, 0.40),
+            "morlhf": (4e12, 0.60 + d),
+            "maxmin_rlhf_group_min@it1": (1e12, 0.30),
+            "maxmin_rlhf_group_min": (3e12, 0.50),
+        },
+    )
+    for s, d in ((0, 0.0), (1, 0.02))
+]
+
+
+def test_checkpoints_and_their_final_policy_form_a_curve_in_iteration_order():
+    curves = collect_curves(RUNS)[0.1]
+    morlhf = curves["morlhf"]
+    assert [p["iteration"] for p in morlhf] == [1, 2, None]
+    assert [p["flops"] for p in morlhf] == [1e12, 2e12, 4e12]
+    assert morlhf[1]["min_win"] == pytest.approx(0.46) and morlhf[1]["n"] == 2  # mean over seeds
+    assert [p["iteration"] for p in curves["mpo_decoded"]] == [None]
+
+
+def test_cost_to_reach_mpo_is_the_first_point_at_or_above_it_or_not_reached():
+    rows = {r["method"]: r for r in reach_mpo(collect_curves(RUNS)[0.1])}
+    assert set(rows) == {"morlhf", "maxmin_rlhf_group_min"}  # curves only
+    assert rows["morlhf"]["reached"] and rows["morlhf"]["flops"] == 4e12  # MPO 0.56; it2 only 0.46
+    assert rows["morlhf"]["flops"] / rows["morlhf"]["mpo_flops"] == pytest.approx(4.0)
+    assert not rows["maxmin_rlhf_group_min"]["reached"] and rows["maxmin_rlhf_group_min"]["flops"] is None
+    md = curves_markdown(collect_curves(RUNS))
+    assert "not within its budget (best 50.0% < 56.0%)" in md
+    assert "| morlhf | yes (56.0%) | 4e+12 | 4.0 |" in md
+
+
+def test_no_checkpoints_no_curve_section(tmp_path):
+    plain = [_run(0, {"mpo_decoded": (1e12, 0.5), "morlhf": (4e12, 0.6)})]
+    assert curves_markdown(collect_curves(plain)) is None
+    assert curve_plots(collect_curves(plain), tmp_path) == []
+    (png,) = curve_plots(collect_curves(RUNS), tmp_path)
+    assert png.name == "cost_to_quality_beta0.1.png" and png.stat().st_size > 0
+
+
+def test_checkpoints_stay_out_of_table1():
+    assert not in_table1("morlhf@it8") and in_table1("morlhf") and in_table1("mpo_decoded")
