@@ -92,18 +92,26 @@ def pairwise_accuracy(
 
 
 class HeldoutPlateau(pl.Callback):
-    """Stops reward-model training when its held-out Bradley–Terry loss stops improving.
+    """Early stopping on the held-out pairs: stop when the Bradley–Terry loss stops improving,
+    and keep the weights of its best check.
 
     Every ``every`` optimiser steps the held-out pairs are scored; training stops after
     ``patience`` evaluations in a row without a loss ``min_delta`` below the best so far (or at
-    ``max_steps``). The loss, not the accuracy, decides: on a few dozen pairs the accuracy moves
-    in steps of several points. ``curve`` is what ``results.json`` reports as the model's budget.
+    ``max_steps``), and the model goes back to the weights it had at the best check
+    (:meth:`restore_best`). The loss, not the accuracy, decides: on a few dozen pairs the accuracy
+    moves in steps of several points. ``curve`` is what ``results.json`` reports as the budget.
     """
 
     def __init__(self, heldout: PreferenceDataset, every: int, patience: int, min_delta: float) -> None:
         self.heldout, self.every, self.patience, self.min_delta = heldout, every, patience, min_delta
         self.curve: list[dict[str, float]] = []
         self.best, self.waited, self.plateaued = float("inf"), 0, False
+        self.best_step: int | None = None
+        self._best_state: dict[str, torch.Tensor] | None = None
+
+    def restore_best(self, model: torch.nn.Module) -> None:
+        if self._best_state is not None:
+            model.load_state_dict(self._best_state)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -113,7 +121,8 @@ class HeldoutPlateau(pl.Callback):
         pl_module.model.train()  # score_with_rm leaves the model in eval mode
         self.curve.append({"step": step, "heldout_loss": loss, "heldout_accuracy": acc})
         if loss < self.best - self.min_delta:
-            self.best, self.waited = loss, 0
+            self.best, self.waited, self.best_step = loss, 0, step
+            self._best_state = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
         else:
             self.waited += 1
         if self.waited >= self.patience:
@@ -192,13 +201,15 @@ def reward_models(ctx: RunContext) -> dict[str, RewardModel]:
             module = instantiate(cfg.module)(model=model)
             with ctx.meter.stage(stage):  # the plateau checks decide the budget: the method pays
                 steps = ctx.fit(module, train, train.collate, cfg, callbacks=[stop] if stop.every else [])
+                stop.restore_best(model)
             with ctx.meter.stage(diagnostic):
                 acc = pairwise_accuracy(model, heldout, ctx.meter)
             model.save_pretrained(str(tmp))
             ctx.reference.tokenizer.save_pretrained(str(tmp))
             budget = {"steps": steps, "max_steps": int(cfg.max_steps), "batch_size": int(cfg.batch_size)}
             if stop.every:
-                budget.update(plateaued=stop.plateaued, plateau=ctx.plain(plateau), curve=stop.curve)
+                budget.update(plateaued=stop.plateaued, best_step=stop.best_step)
+                budget.update(plateau=ctx.plain(plateau), curve=stop.curve)
             (tmp / "stats.json").write_text(json.dumps({"heldout_accuracy": acc, "budget": budget}))
 
         art = ctx.cached_stage(stage, "reward_model", spec, build, stages=(stage, diagnostic))

@@ -55,7 +55,7 @@ STAGE_KINDS: dict[str, StageKind] = {
     "dpo": StageKind(1, trains=True),
     "mpo_scores": StageKind(2, samples=True),  # 2: pi_ref's column is the sampler's own (fp32)
     "mpo_decoded": StageKind(1, samples=True),
-    "reward_model": StageKind(1, trains=True),
+    "reward_model": StageKind(2, trains=True),  # 2: the plateau rule keeps its best check's weights
     "rm_reference_scores": StageKind(1, samples=True),
     "rl_policy": StageKind(1, trains=True, samples=True),
     "modpo": StageKind(1, trains=True),

@@ -260,11 +260,42 @@ def test_reward_models_stop_at_their_held_out_plateau_and_runs_record_the_budget
     for stats in res["reward_models"].values():
         budget = stats["budget"]
         assert budget["steps"] == 4 and budget["max_steps"] == 50 and budget["plateaued"] is True
+        assert budget["best_step"] == 2  # the weights kept are the best check's
         assert [c["step"] for c in budget["curve"]] == [2, 4]
         assert all(0 <= c["heldout_accuracy"] <= 1 and c["heldout_loss"] > 0 for c in budget["curve"])
     rl = res["rl_budget"]["morlhf"]
     assert rl["iterations"] == int(cfg.rl.iterations) == len(res["rl_history"]["morlhf"])
     assert rl["prompts_per_iteration"] == int(cfg.rl.batch_size)
+
+
+def test_a_reward_model_that_stops_at_its_plateau_keeps_its_best_checks_weights(
+    smoke_cfg, tmp_path, monkeypatch
+):
+    """Held-out losses 1.0, 0.5, 0.9, 0.95 (patience 2): training stops at step 4 and the saved
+    model is the one scored at step 2, not the last one."""
+    from baselines import reward_model as rm
+    from mpo_exp.pipeline import run_pipeline
+
+    losses, seen = iter([1.0, 0.5, 0.9, 0.95] * 3), []
+
+    def fake(model, data, meter=None):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return next(losses), 0.5
+
+    monkeypatch.setattr(rm, "heldout_metrics", fake)
+    cfg = smoke_cfg(
+        "method=morlhf",
+        "task.objectives=[helpful]",
+        "reward_model.max_steps=10",
+        "reward_model.plateau.every=1",
+        "reward_model.plateau.patience=2",
+    )
+    res = run_pipeline(cfg, tmp_path / "run")
+    assert res["reward_models"]["helpful"]["budget"]["steps"] == 4
+    (saved,) = [p for p in (tmp_path / "cache" / "reward_model").iterdir() if p.is_dir()]
+    kept = rm.load_reward_model(saved).state_dict()
+    assert all(torch.equal(kept[k], seen[1][k]) for k in kept)
+    assert any(not torch.equal(kept[k], seen[3][k]) for k in kept)
 
 
 def test_rl_checkpoints_are_evaluated_with_the_rl_cost_up_to_them(smoke_cfg, tmp_path):
