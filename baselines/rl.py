@@ -37,7 +37,9 @@ def rl_budget(history: list[dict], beta: float, batch_size: int, tol: float) -> 
     The objective of an iteration is its rollouts' mean score minus beta times their mean KL to
     pi_ref (what PPO maximises). It plateaued when its mean over the last quarter of iterations
     differs from its mean over the quarter before by at most ``tol`` (``rl.plateau_tol``, in the
-    objective's units); fewer than 8 iterations cannot tell.
+    objective's units) or by at most twice that difference's standard error (an iteration's
+    objective is a mean over a few prompts: a change within its noise is no change). Fewer than 8
+    iterations cannot tell.
     """
     objective = [h["score"] - beta * h["kl"] for h in history]
     out: dict = {"iterations": len(history), "prompts_per_iteration": batch_size, "plateau_tol": tol}
@@ -45,13 +47,20 @@ def rl_budget(history: list[dict], beta: float, batch_size: int, tol: float) -> 
     if q < 2:
         return {**out, "plateaued": None}
     last, before = objective[-q:], objective[-2 * q : -q]
-    change = sum(last) / q - sum(before) / q
+
+    def mean_var(xs: list[float]) -> tuple[float, float]:
+        m = sum(xs) / len(xs)
+        return m, sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+
+    (m_last, v_last), (m_before, v_before) = mean_var(last), mean_var(before)
+    change, stderr = m_last - m_before, ((v_last + v_before) / q) ** 0.5
     return {
         **out,
         "objective_first": objective[0],
-        "objective_last_quarter": sum(last) / q,
+        "objective_last_quarter": m_last,
         "change_over_last_quarter": change,
-        "plateaued": abs(change) <= tol,
+        "change_stderr": stderr,
+        "plateaued": abs(change) <= max(tol, 2 * stderr),
     }
 
 

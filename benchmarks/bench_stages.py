@@ -229,8 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.one:
         print(json.dumps(one(json.loads(args.one))))
         return
-    if args.tiny:
-        args.model, args.batches, args.rows, args.new_tokens = "tiny", "8,16", 32, 8
+    if args.tiny:  # a smoke test of every code path: one batch size, no bf16 weights
+        args.model, args.batches, args.rows, args.new_tokens = "tiny", "8", 32, 8
+        args.precisions = "float32,bf16-mixed"
     torch.set_num_threads(args.threads)
     precisions = args.precisions.split(",")
     if unknown := set(precisions) - set(WEIGHTS):

@@ -359,9 +359,15 @@ def test_rl_budget_reads_the_plateau_off_the_last_two_quarters():
     rising = [{"score": float(i), "kl": 0.0} for i in range(8)]  # quarters (4, 5) then (6, 7)
     assert rl_budget(flat, 0.5, 16, 0.01)["plateaued"] is True
     got = rl_budget(rising, 0.5, 16, 0.01)
-    assert got["change_over_last_quarter"] == pytest.approx(2.0) and got["plateaued"] is False
+    assert got["change_over_last_quarter"] == pytest.approx(2.0)
+    assert got["change_stderr"] == pytest.approx(0.5**0.5)  # each quarter's variance is 0.5
+    assert got["plateaued"] is False  # 2.0 > 2 * 0.71
     assert rl_budget(rising, 0.5, 16, 2.0)["plateaued"] is True
     assert rl_budget(rising[:7], 0.5, 16, 0.01)["plateaued"] is None  # quarters of one iteration
+    # a noisy objective whose quarters differ by less than twice their standard error: no change
+    noisy = [{"score": s, "kl": 0.0} for s in (0, 0, 0, 0, 1, -1, 1.5, -1.3)]
+    got = rl_budget(noisy, 0.5, 16, 0.01)
+    assert abs(got["change_over_last_quarter"]) < 2 * got["change_stderr"] and got["plateaued"] is True
 
 
 def test_group_min_follows_the_worst_objective_across_batches():
