@@ -269,6 +269,7 @@ def _fake_context(task, policies, cache: Path):
         task=task,
         batch_size=5,  # several sampling/scoring batches per shard
         sample_batch_size=5,
+        sampler="multinomial",
         dtype="float32",
         meter=_RankCostMeter(),
         store=ArtifactStore(cache),

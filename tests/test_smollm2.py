@@ -479,6 +479,8 @@ def test_rl_baseline_end_to_end_on_smollm2_shrunk(converted, cache, tmp_path):
         "reward_model.normalizer.samples_per_prompt=2",
         "rl.batch_size=4",
         "rl.iterations=1",
+        "rl.checkpoints=[]",
+        "reward_model.plateau.every=0",
     )
     validate_config(cfg)
     res = run_pipeline(cfg, tmp_path / "run")
