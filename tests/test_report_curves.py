@@ -37,7 +37,10 @@ RUNS = [
 
 
 def test_checkpoints_and_their_final_policy_form_a_curve_in_iteration_order():
-    curves = collect_curves(RUNS)[0.1]
+    # a second job of seed 0 (another method) re-evaluates the shared rows: counted once per seed
+    other_job = _run(0, {"pi_ref": (0.0, 0.9), "uniform_mix": (0.9e12, 0.9)})
+    curves = collect_curves([*RUNS, other_job])[0.1]
+    assert curves["pi_ref"][0]["n"] == 2 and curves["pi_ref"][0]["min_win"] == pytest.approx(0.5)
     morlhf = curves["morlhf"]
     assert [p["iteration"] for p in morlhf] == [1, 2, None]
     assert [p["flops"] for p in morlhf] == [1e12, 2e12, 4e12]

@@ -36,18 +36,21 @@ def collect_curves(runs: Iterable[dict]) -> dict[float, dict[str, list[dict]]]:
     """Per β, per policy family: its points in order of cost (mean over seeds).
 
     A point: ``iteration`` (None for a final or a non-RL policy), ``flops``, ``wall_s``,
-    ``min_win`` and the number of seeds ``n``. A family with checkpoints is a curve (its final
-    policy last); the others are single points.
+    ``min_win`` and the number of seeds ``n`` (runs are read in job order; a policy that several
+    jobs of one seed evaluate, such as π_ref, is taken from the first). A family with checkpoints
+    is a curve (its final policy last); the others are single points.
     """
     acc: dict[float, dict[tuple[str, int | None], dict[str, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
+    seen: set[tuple[float, str, object]] = set()
     for res in runs:
         beta = float(res.get("beta", math.nan))
         for name, pol in res.get("policies", {}).items():
             cost = res.get("cost_summary", {}).get(name, {}).get("total")
-            if cost is None:
-                continue
+            if cost is None or (beta, name, res.get("seed")) in seen:
+                continue  # a shared row (pi_ref, the pi_k) counts once per seed, from its first job
+            seen.add((beta, name, res.get("seed")))
             family, it = _family(name)
             cell = acc[beta][(family, it)]
             cell["flops"].append(float(cost["flops"]))
