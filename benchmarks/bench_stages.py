@@ -181,8 +181,9 @@ def _dpo(policy, batch, lora: dict, spec: dict, meter):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            meter.charge(n, pairs.both().n_tokens, True, trainable)
-            tokens += pairs.both().n_tokens
+            step_tokens = pairs.chosen.n_tokens + pairs.rejected.n_tokens
+            meter.charge(n, step_tokens, True, trainable)
+            tokens += step_tokens
         return tokens
 
     return _timed(meter, run)
