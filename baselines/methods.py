@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from baselines.aggregation import RewardAggregator
+from baselines.checkpoints import add_checkpoints
 from baselines.em import em_user_groups, purity
 from baselines.normalization import Normalizer, check_normalization
 from baselines.reward_model import RewardModel, bt_loss, reference_scores, reward_models, score_with_rm
 from baselines.rl import rl_budget, rl_train_prompts, train_rl_policy
 from baselines.soups import average_state_dicts
 from mpo_exp.adapters import full_model
-from mpo_exp.cost import StageCost
 from mpo_exp.generation import encode_prompts
 from mpo_exp.methods import Method, MethodOutput, PolicyCost, dpo_policies_cost
 from mpo_exp.mpo.mixing import MixedPolicy
@@ -50,29 +50,6 @@ def _normalizer(ctx: RunContext, rms: list[RewardModel], keys: list[str], how: s
         by_ids.setdefault(tuple(ids), text)
     scores = reference_scores(ctx, models, keys, prompts=list(by_ids.values()))
     return Normalizer.fit(scores, how, ctx.beta, prompts=list(by_ids))
-
-
-def _add_checkpoints(
-    ctx: RunContext,
-    rl_stage: str,
-    cost: PolicyCost,
-    checkpoints: list[tuple[Policy, dict]],
-    policies: list[MixedPolicy],
-    costs: dict[str, PolicyCost],
-) -> None:
-    """The RL policy after each of ``rl.checkpoints`` iterations, as a policy of its own: its cost
-    is the final policy's with the RL stage cut at that iteration (a stage ``checkpoint/<name>``
-    holding the RL cost so far, outside every other policy's cost)."""
-    reused = ctx.meter.stages[rl_stage].reused
-    for ck, point in checkpoints:
-        stage = f"checkpoint/{ck.name}"
-        so_far = {k: point[k] for k in ("wall_s", "tokens_fwd", "tokens_bwd", "flops")}
-        ctx.meter.record(stage, StageCost(**so_far, reused=reused))
-        policies.append(MixedPolicy.single(ck))
-        costs[ck.name] = PolicyCost(
-            tuple(stage if e == rl_stage else e for e in cost.total),
-            tuple(stage if e == rl_stage else e for e in cost.post_processing),
-        )
 
 
 def _rl_budget(ctx: RunContext, history: list[dict]) -> dict:
@@ -124,7 +101,7 @@ class MORLHFMethod(Method):
         if uw.shared or uw.own:  # MPO's lambda: the pi_k and MPO's own stages come with it
             cost = PolicyCost((*cost.total, *uw.shared, *uw.own), (*cost.post_processing, *uw.own))
         policies, costs = [MixedPolicy.single(policy)], {label: cost}
-        _add_checkpoints(ctx, f"rl/{label}", cost, checkpoints, policies, costs)
+        add_checkpoints(ctx, (f"rl/{label}",), cost, checkpoints, policies, costs)
         return MethodOutput(
             policies,
             costs=costs,
@@ -207,7 +184,7 @@ class MaxMinRLHFMethod(Method):
             )
             policies.append(MixedPolicy.single(policy))
             costs[label] = rl_cost(rm_stages, f"rl/{label}")
-            _add_checkpoints(ctx, f"rl/{label}", costs[label], checkpoints, policies, costs)
+            add_checkpoints(ctx, (f"rl/{label}",), costs[label], checkpoints, policies, costs)
             extras["rl_checkpoints"][label] = [p for _, p in checkpoints]
             extras["rl_history"][label] = history
             extras["rl_budget"][label] = _rl_budget(ctx, history)

@@ -12,6 +12,7 @@ needs the partition shift. With w_{-k} = 0 the loss is DPO's. One run per weight
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,12 +22,13 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from baselines.checkpoints import STEPS, TrainingCheckpoints, add_checkpoints, load_checkpoints, write_points
 from baselines.reward_model import REWARD_SOURCES, reward_models, reward_source_stages, score_with_rm
 from mpo_exp.data import PreferenceBatch, PreferenceDataset
 from mpo_exp.methods import Method, MethodOutput, PolicyCost
 from mpo_exp.mpo.mixing import MixedPolicy, resolve_weights
 from mpo_exp.mpo.user_weights import Weights, check_user_weights, resolve_user_weights
-from mpo_exp.policies import load_policy, save_policy
+from mpo_exp.policies import Policy, load_policy, save_policy
 from mpo_exp.preferences import PairSet
 from mpo_exp.scoring import pair_logprobs, score_sequences
 from mpo_exp.training.dpo import DPOModule
@@ -169,12 +171,14 @@ class MODPOMethod(Method):
         weights: Mapping[str, float] | Sequence[float] | str | None = None,
         rewards: str = "rm",
         objective: str | None = None,
+        checkpoints: Sequence[int] | None = None,
         mpo: MPOMethod | None = None,
     ) -> None:
         if rewards not in REWARD_SOURCES:
             raise ValueError(f"method.rewards must be one of {REWARD_SOURCES}, got {rewards!r}")
         self.weights: Weights = weights
         self.rewards, self.objective, self.mpo = rewards, objective, mpo
+        self.checkpoints = sorted(int(c) for c in checkpoints or ())
 
     def validate(self, objectives: list[str]) -> None:
         check_user_weights(self.weights, self.mpo, objectives)
@@ -210,6 +214,7 @@ class MODPOMethod(Method):
             "beta": ctx.beta,
             "dpo": ctx.plain(cfg),
             "seed": ctx.seed,
+            **({"checkpoints": self.checkpoints} if self.checkpoints else {}),  # none: older keys stay
         }
 
         def build(tmp: Path) -> None:
@@ -232,10 +237,19 @@ class MODPOMethod(Method):
             model = ctx.dpo_trainable(policy.model)  # dpo.lora: LoRA, merged on save
             kwargs = {a: v for a, v in ctx.plain(cfg.module).items() if not a.startswith("_")}
             module = MODPOModule(model=model, weight=w.vector[k], objective=objectives[k], **kwargs)
+
+            def save_checkpoint(step: int) -> None:
+                merged = ctx.dpo_merged(copy.deepcopy(model))  # training goes on
+                save_policy(Policy(label, merged, policy.tokenizer), tmp / "checkpoints" / STEPS.folder(step))
+
+            saver = TrainingCheckpoints(
+                self.checkpoints, save_checkpoint, ctx.meter, STEPS, before=ctx.meter.stages["modpo/margins"]
+            )
             with ctx.meter.stage("modpo/train"):
-                ctx.fit(module, data, data.collate, cfg)
+                ctx.fit(module, data, data.collate, cfg, callbacks=[saver] if self.checkpoints else [])
             policy.model = ctx.dpo_merged(model)
             save_policy(policy, tmp)
+            write_points(tmp, saver.points)
 
         art = ctx.cached_stage(
             f"modpo/{label}", "modpo", spec, build, stages=("modpo/margins", "modpo/train")
@@ -245,12 +259,18 @@ class MODPOMethod(Method):
         own = (*(sources if self.rewards == "rm" else ()), *w.own, "modpo/margins", "modpo/train")
         shared = (*w.shared, *(sources if self.rewards == "implicit" else ()))
         cost = PolicyCost(tuple(dict.fromkeys(("preferences", "dpo/ref_logp", *shared, *own))), own)
+        policies, costs = [MixedPolicy.single(policy)], {label: cost}
+        checkpoints = load_checkpoints(
+            art.path, label, STEPS, lambda path, name: load_policy(path, name=name, dtype=ctx.dtype).eval()
+        )
+        add_checkpoints(ctx, ("modpo/margins", "modpo/train"), cost, checkpoints, policies, costs)
         return MethodOutput(
-            [MixedPolicy.single(policy)],
-            costs={label: cost},
+            policies,
+            costs=costs,
             weights=dict(zip(objectives, w.vector, strict=True)),
             extras={
                 **w.extras,
                 "modpo": {"objective": objectives[k], "rewards": self.rewards, "others": others},
+                "checkpoints": {label: [p for _, p in checkpoints]},
             },
         )

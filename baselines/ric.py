@@ -21,6 +21,7 @@ vocabulary for sampling, scoring and the KL.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
+from baselines.checkpoints import STEPS, TrainingCheckpoints, add_checkpoints, load_checkpoints, write_points
 from baselines.reward_model import REWARD_SOURCES, reward_models, reward_source_stages, score_with_rm
 from mpo_exp.data import SequenceBatch, SequenceDataset, position_ids_from_mask
 from mpo_exp.generation import encode_prompts, sample
@@ -201,6 +203,8 @@ class RiCMethod(Method):
     ``rewards``: ``rm`` | ``implicit``. ``bins``: score levels per objective. ``steps`` /
     ``online_steps``: SFT steps offline / after the online round (0: no online round).
     ``online_samples``: responses drawn in the online round. ``quantile``: rejection threshold.
+    ``precision``: the SFT's Lightning precision (null: trainer.precision). ``checkpoints``: SFT
+    steps (offline, then online counted on) after which the model is also saved and evaluated.
     """
 
     name = "ric"
@@ -217,6 +221,8 @@ class RiCMethod(Method):
         lr: float = 1e-3,
         warmup_steps: int = 10,
         batch_size: int = 64,
+        precision: str | None = None,
+        checkpoints: Sequence[int] | None = None,
         mpo: MPOMethod | None = None,
     ) -> None:
         if rewards not in REWARD_SOURCES:
@@ -240,15 +246,33 @@ class RiCMethod(Method):
         self.steps, self.online_steps = int(steps), int(online_steps)
         self.online_samples, self.batch_size = int(online_samples), int(batch_size)
         self.quantile, self.lr, self.warmup_steps = float(quantile), float(lr), int(warmup_steps)
+        self.precision = None if precision is None else str(precision)
+        self.checkpoints = sorted(int(c) for c in checkpoints or ())
+        bad = [c for c in self.checkpoints if not 1 <= c < self.steps + self.online_steps]
+        if bad or len(set(self.checkpoints)) != len(self.checkpoints):
+            raise ValueError(
+                f"method.checkpoints must be distinct steps in [1, method.steps + method.online_steps="
+                f"{self.steps + self.online_steps}), got {list(checkpoints or ())}"
+            )
 
     def validate(self, objectives: list[str]) -> None:
         check_user_weights(self.weights, self.mpo, objectives)
 
-    def _fit(self, ctx: RunContext, model, prompts, responses, steps: int) -> None:
+    def _fit(
+        self,
+        ctx: RunContext,
+        model,
+        prompts,
+        responses,
+        steps: int,
+        saver: TrainingCheckpoints | None = None,
+    ) -> None:
         pad = ctx.reference.tokenizer.pad_token_id
         data = SequenceDataset(prompts, responses, pad)
         module = SFTModule(model, lr=self.lr, warmup_steps=self.warmup_steps)
-        ctx.fit(module, data, data.collate, SimpleNamespace(batch_size=self.batch_size, max_steps=steps))
+        stage = SimpleNamespace(batch_size=self.batch_size, max_steps=steps, precision=self.precision)
+        wanted = saver and [c for c in saver.points_wanted if saver.offset < c <= saver.offset + steps]
+        ctx.fit(module, data, data.collate, stage, callbacks=[saver] if wanted else [])
 
     def train(self, ctx: RunContext) -> Path:
         """Build (or reuse) the RiC model: offline SFT, one online round; returns its directory."""
@@ -267,6 +291,8 @@ class RiCMethod(Method):
             "lr",
             "warmup_steps",
             "batch_size",
+            "precision",
+            "checkpoints",
         )
         spec = {
             "ref": ctx.keys["sft"],
@@ -274,7 +300,8 @@ class RiCMethod(Method):
             "rewards": self.rewards,
             "sources": {o: ctx.keys[s] for o, s in zip(objectives, sources, strict=True)},
             "beta": ctx.beta,
-            **{f: getattr(self, f) for f in fields},
+            # precision and checkpoints only when set: older keys stay
+            **{f: getattr(self, f) for f in fields if getattr(self, f) not in (None, [])},
             "max_new_tokens": ctx.task.max_new_tokens,
             "seed": ctx.seed,
         }
@@ -296,9 +323,22 @@ class RiCMethod(Method):
 
             prompts, responses = data.prompts(), data.responses()
             labels = to_bins(scores, edges)
+
+            def save_checkpoint(step: int) -> None:
+                merged = ctx.model_spec.mergeable(copy.deepcopy(model))  # training goes on
+                save_policy(Policy("ric", merged, tok), tmp / "checkpoints" / STEPS.folder(step))
+
+            def saver(offset: int, before: tuple[str, ...]) -> TrainingCheckpoints:
+                cost = ctx.meter.sum(before)
+                return TrainingCheckpoints(
+                    self.checkpoints, save_checkpoint, ctx.meter, STEPS, offset=offset, before=cost
+                )
+
             log.info("RiC offline SFT on %d responses, %d score bins per objective", len(prompts), self.bins)
+            offline = saver(0, ("ric/scoring",))
             with ctx.meter.stage("ric/sft"):
-                self._fit(ctx, model, conditioned(prompts, labels), responses, self.steps)
+                self._fit(ctx, model, conditioned(prompts, labels), responses, self.steps, offline)
+            points = offline.points
             info: dict = {"offline_examples": len(prompts)}
             if self.online_steps:
                 with ctx.meter.stage("ric/augment"):
@@ -321,10 +361,15 @@ class RiCMethod(Method):
                     len(old_idx),
                     len(prompts),
                 )
+                online = saver(self.steps, ("ric/scoring", "ric/sft", "ric/augment"))
                 with ctx.meter.stage("ric/online_sft"):
-                    self._fit(ctx, model, conditioned(merged_p, merged_bins), merged_r, self.online_steps)
+                    self._fit(
+                        ctx, model, conditioned(merged_p, merged_bins), merged_r, self.online_steps, online
+                    )
+                points = points + online.points
             policy.model = ctx.model_spec.mergeable(model)
             save_policy(policy, tmp)
+            write_points(tmp, points)
             meta = {
                 "vocab": base,
                 "bins": self.bins,
@@ -367,9 +412,15 @@ class RiCMethod(Method):
         w = resolve_user_weights(self.weights, self.mpo, ctx)
         target = desired_bins(w.vector, self.bins)
         label = "ric" + (f"_{w.suffix}" if w.suffix else "")
-        inner = load_policy(path, name=label, dtype=ctx.dtype)
         prefix = condition_ids(torch.tensor(target), meta["vocab"], self.bins).tolist()
-        policy = Policy(label, ScoreConditionedLM(inner.model, prefix, meta["vocab"]).eval(), inner.tokenizer)
+
+        def conditioned(folder: Path, name: str) -> Policy:
+            inner = load_policy(folder, name=name, dtype=ctx.dtype)
+            return Policy(
+                name, ScoreConditionedLM(inner.model, prefix, meta["vocab"]).eval(), inner.tokenizer
+            )
+
+        policy = conditioned(path, label)
         sources = reward_source_stages(self.rewards, objectives)
         own = (*(sources if self.rewards == "rm" else ()), *w.own, *STAGES)
         shared = (*w.shared, *(("dpo/ref_logp", *sources) if self.rewards == "implicit" else ()))
@@ -382,9 +433,10 @@ class RiCMethod(Method):
                 **{key: meta[key] for key in meta if key.endswith(("_examples", "_samples", "_kept"))},
             },
         }
+        policies, costs = [MixedPolicy.single(policy)], {label: cost}
+        checkpoints = load_checkpoints(path, label, STEPS, conditioned)
+        add_checkpoints(ctx, STAGES, cost, checkpoints, policies, costs)
+        extras["checkpoints"] = {label: [p for _, p in checkpoints]}
         return MethodOutput(
-            [MixedPolicy.single(policy)],
-            costs={label: cost},
-            weights=dict(zip(objectives, w.vector, strict=True)),
-            extras=extras,
+            policies, costs=costs, weights=dict(zip(objectives, w.vector, strict=True)), extras=extras
         )

@@ -5,16 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pytorch_lightning as pl
 from hydra.utils import instantiate
 
+from baselines.checkpoints import ITERATIONS, TrainingCheckpoints, load_checkpoints, write_points
 from baselines.ppo import RewardFn, prompt_collate
-from mpo_exp.cost import CostMeter
 from mpo_exp.generation import encode_prompts
 from mpo_exp.policies import Policy, load_policy, save_policy
 
@@ -64,31 +62,6 @@ def rl_budget(history: list[dict], beta: float, batch_size: int, tol: float) -> 
     }
 
 
-class RLCheckpoints(pl.Callback):
-    """Saves the policy after the chosen RL iterations, with the RL stage's cost up to then: the
-    points of a cost-to-quality curve. The saving itself is not timed."""
-
-    def __init__(self, iterations: list[int], save: Callable[[int], None], meter: CostMeter) -> None:
-        self.iterations, self.save, self.meter = sorted(set(iterations)), save, meter
-        self.points: list[dict] = []
-        self.start, self.saving = 0.0, 0.0
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        done = len(pl_module.history)
-        if done not in self.iterations or any(p["iteration"] == done for p in self.points):
-            return
-        cost = self.meter.current
-        point = {"iteration": done, **(cost.as_dict() if cost is not None else {})}
-        point["wall_s"] = time.perf_counter() - self.start - self.saving
-        t = time.perf_counter()
-        self.save(done)
-        self.saving += time.perf_counter() - t
-        self.points.append(point)
-
-
 def rl_spec(cfg: dict) -> dict:
     """The RL settings that change the trained artifact (its cache key): ``plateau_tol`` is a
     reading of the run, and ``checkpoints`` count only when there are some (older keys stay)."""
@@ -96,11 +69,6 @@ def rl_spec(cfg: dict) -> dict:
     if not spec.get("checkpoints"):
         spec.pop("checkpoints", None)
     return spec
-
-
-def checkpoint_name(label: str, iteration: int) -> str:
-    """The policy saved after ``iteration`` RL iterations: ``morlhf@it8``."""
-    return f"{label}@it{iteration}"
 
 
 def train_rl_policy(
@@ -144,34 +112,33 @@ def train_rl_policy(
 
         def save_checkpoint(iteration: int) -> None:
             merged = ctx.model_spec.mergeable(copy.deepcopy(policy.model))  # training goes on
-            save_policy(Policy(name, merged, policy.tokenizer), tmp / "checkpoints" / f"it{iteration}")
+            save_policy(
+                Policy(name, merged, policy.tokenizer), tmp / "checkpoints" / ITERATIONS.folder(iteration)
+            )
 
-        saver = RLCheckpoints(list(cfg.get("checkpoints") or []), save_checkpoint, ctx.meter)
+        saver = TrainingCheckpoints(
+            list(cfg.get("checkpoints") or []),
+            save_checkpoint,
+            ctx.meter,
+            ITERATIONS,
+            progress=lambda trainer, module: len(module.history),  # PPO takes several steps per iteration
+        )
         ctx.fit(
             module,
             prompts,
             prompt_collate,
             cfg,
             max_steps=int(cfg.iterations) * module.optimizer_steps_per_iteration,
-            callbacks=[saver] if saver.iterations else [],
+            callbacks=[saver] if saver.points_wanted else [],
         )
         policy.model = ctx.model_spec.mergeable(policy.model)
         save_policy(policy, tmp)
         (tmp / "history.json").write_text(json.dumps(module.history))
-        (tmp / "checkpoints.json").write_text(json.dumps(saver.points))
+        write_points(tmp, saver.points)
 
     art = ctx.cached_stage(f"rl/{name}", "rl_policy", full_spec, build)
     history = json.loads((art.path / "history.json").read_text())
-    points = json.loads(f.read_text()) if (f := art.path / "checkpoints.json").exists() else []
-    checkpoints = [
-        (
-            load_policy(
-                art.path / "checkpoints" / f"it{p['iteration']}",
-                name=checkpoint_name(name, p["iteration"]),
-                dtype=ctx.dtype,
-            ).eval(),
-            p,
-        )
-        for p in points
-    ]
+    checkpoints = load_checkpoints(
+        art.path, name, ITERATIONS, lambda path, label: load_policy(path, name=label, dtype=ctx.dtype).eval()
+    )
     return load_policy(art.path, name=name, dtype=ctx.dtype).eval(), history, checkpoints

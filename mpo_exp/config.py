@@ -319,19 +319,24 @@ def _check_paths(cfg: DictConfig) -> None:
 
 
 def _check_checkpoints(cfg: DictConfig) -> None:
-    """``rl.checkpoints``: distinct iterations in [1, rl.iterations) (the last is the policy itself)."""
-    points = OmegaConf.select(cfg, "rl.checkpoints")
-    if not points:
-        return
-    iterations = OmegaConf.select(cfg, "rl.iterations")
-    if not isinstance(points, ListConfig) or not all(_is_int(p) for p in points):
-        raise ConfigError(f"rl.checkpoints must be a list of iterations, got rl.checkpoints={points!r}")
-    bad = [p for p in points if not 1 <= p < iterations]
-    if bad or len(set(points)) != len(points):
-        raise ConfigError(
-            f"rl.checkpoints must be distinct iterations in [1, rl.iterations={iterations}), "
-            f"got {list(points)}"
-        )
+    """``rl.checkpoints`` (RL iterations) and MODPO's ``method.checkpoints`` (steps): distinct
+    points before the end of training (the last is the policy itself). RiC checks its own."""
+    target = str(OmegaConf.select(cfg, "method._target_") or "")
+    checks = [("rl.checkpoints", "rl.iterations", "iterations")]
+    if target.endswith("MODPOMethod"):
+        checks.append(("method.checkpoints", "dpo.max_steps", "steps"))
+    for field, limit_field, unit in checks:
+        points = OmegaConf.select(cfg, field)
+        if not points:
+            continue
+        limit = OmegaConf.select(cfg, limit_field)
+        if not isinstance(points, ListConfig) or not all(_is_int(p) for p in points):
+            raise ConfigError(f"{field} must be a list of {unit}, got {field}={points!r}")
+        bad = [p for p in points if not 1 <= p < limit]
+        if bad or len(set(points)) != len(points):
+            raise ConfigError(
+                f"{field} must be distinct {unit} in [1, {limit_field}={limit}), got {list(points)}"
+            )
 
 
 def _check_lora(cfg: DictConfig, field: str) -> None:

@@ -60,6 +60,7 @@ STAGE_KINDS: dict[str, StageKind] = {
     "rl_policy": StageKind(1, trains=True, samples=True),
     "modpo": StageKind(1, trains=True),
     "ric": StageKind(1, trains=True, samples=True),
+    "evaluation": StageKind(1, samples=True),  # the rows every job of a sweep shares (pi_ref, pi_k, uniform)
 }
 
 #: trainer fields that change how a run looks, not what it computes. Topology (accelerator,

@@ -8,13 +8,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, ListConfig
 
 from mpo_exp import distributed as dist
 from mpo_exp import draws, tracking
 from mpo_exp.artifacts import config_key
 from mpo_exp.context import RunContext, trainer_key
-from mpo_exp.evaluation import Evaluator
+from mpo_exp.evaluation import Evaluator, PolicyEval
 from mpo_exp.methods import Method, PolicyCost, build_method, dpo_policies_cost
 from mpo_exp.mpo.mixing import MixedPolicy
 from mpo_exp.nodes import ConfigError, to_plain
@@ -94,15 +95,23 @@ def run_pipeline(
                 sample_batch_size=ctx.sample_batch_size,
                 own_logprobs=ctx.dtype == "float32",
             )
-            with ctx.meter.stage("eval/pi_ref_baseline"):
-                baseline = ev.reference_rewards(ctx.meter)
+            # pi_ref, the pi_k and uniform mixing are the same in every job of a sweep: cached
+            shared = {
+                ref.name: [ctx.keys["sft"]],
+                **{p.name: [ctx.keys[f"dpo/{k}"]] for k, p in singles.items()},
+                uniform.name: [ctx.keys[f"dpo/{k}"] for k in singles],
+            }
+            baseline = _reference_rewards(ctx, ev)
             policies, examples = {}, {}
             partial = output_dir / "evaluations.partial.jsonl"
             if main:
                 partial.unlink(missing_ok=True)
             for pol in candidates:
-                with ctx.meter.stage(f"eval/{pol.name}"):
-                    res = ev.evaluate(pol, ctx.meter)
+                if pol.name in shared:
+                    res = _cached_evaluation(ctx, ev, pol, shared[pol.name])
+                else:
+                    with ctx.meter.stage(f"eval/{pol.name}"):
+                        res = ev.evaluate(pol, ctx.meter)
                 policies[pol.name] = res.summary(ctx.task.objectives, baseline)
                 examples[pol.name] = res.examples
                 if main:
@@ -145,6 +154,51 @@ def run_pipeline(
             return results
     finally:
         tracking.finish(logger)
+
+
+def _evaluation_spec(ctx: RunContext, ev: Evaluator) -> dict:
+    """What an evaluation depends on besides the policy: the cache key of a shared row."""
+    return {
+        "ref": ctx.keys["sft"],
+        "task": to_plain(ctx.cfg.task),
+        "eval": {"n_prompts": len(ev.prompts), "temperature": ev.temperature, "n_examples": ev.n_examples},
+        "seed": ev.seed,
+        "batch_size": ev.batch_size,
+        "own_logprobs": ev.own_logprobs,
+        "dtype": ctx.dtype,
+    }
+
+
+def _reference_rewards(ctx: RunContext, ev: Evaluator) -> torch.Tensor:
+    """pi_ref's responses every policy is compared with, from the cache when a job of the sweep drew them."""
+
+    def build(tmp: Path) -> None:
+        rewards = ev.reference_rewards(ctx.meter)
+        torch.save(rewards, tmp / "rewards.pt")
+        (tmp / "baseline.json").write_text(json.dumps({"fingerprint": ev.fingerprint}))
+
+    spec = {**_evaluation_spec(ctx, ev), "baseline": True}
+    art = ctx.cached_stage("eval/pi_ref_baseline", "evaluation", spec, build)
+    ev.baseline = torch.load(art.path / "rewards.pt", weights_only=True)
+    ev.fingerprint = json.loads((art.path / "baseline.json").read_text())["fingerprint"]
+    return ev.baseline
+
+
+def _cached_evaluation(ctx: RunContext, ev: Evaluator, pol: MixedPolicy, keys: list[str]) -> PolicyEval:
+    """Evaluate a policy built from cached models (``keys``) once per sweep. Every policy draws
+    from its own fixed random stream, so a reused evaluation is the one this job would compute."""
+
+    def build(tmp: Path) -> None:
+        res = ev.evaluate(pol, ctx.meter)
+        torch.save(res.rewards, tmp / "rewards.pt")
+        (tmp / "eval.json").write_text(json.dumps({"kl": res.kl, "examples": res.examples}))
+
+    weights = [float(w) for w in pol.live[1]]
+    spec = {**_evaluation_spec(ctx, ev), "policy": {"models": keys, "weights": weights}}
+    art = ctx.cached_stage(f"eval/{pol.name}", "evaluation", spec, build)
+    meta = json.loads((art.path / "eval.json").read_text())
+    rewards = torch.load(art.path / "rewards.pt", weights_only=True)
+    return PolicyEval(rewards, float(meta["kl"]), [tuple(e) for e in meta["examples"]])
 
 
 def _join_launch(cfg: DictConfig) -> bool:

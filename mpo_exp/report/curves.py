@@ -1,7 +1,8 @@
 """Cost-to-quality curves: worst-objective win rate against the FLOPs (and wall seconds) a policy cost.
 
-A method that trains by RL is a curve: the policies saved along its training (``<label>@it<n>``,
-``rl.checkpoints``) and its final policy, each charged its cost up to then (``cost_summary``).
+A method that trains by RL or per weight vector is a curve: the policies saved along its training
+(``<label>@it<n>`` from ``rl.checkpoints``, ``<label>@step<n>`` from MODPO's and RiC's
+``method.checkpoints``) and its final policy, each charged its cost up to then (``cost_summary``).
 Every other policy is a point. Values are means over the seeds of one β that hold the policy;
 the x-axis is the policy's total cost (shared stages included: MPO pays for its π_k).
 
@@ -17,7 +18,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-CHECKPOINT = re.compile(r"^(?P<label>.+)@it(?P<it>\d+)$")
+#: a policy saved along training: ``morlhf@it8`` (RL iterations), ``modpo@step12`` (optimiser steps)
+CHECKPOINT = re.compile(r"^(?P<label>.+)@(?:it|step)(?P<it>\d+)$")
 #: the MPO row the curves are compared with: the run's default (decoded) MPO, else the paper's
 MPO_NAMES = ("mpo_decoded", "mpo")
 
@@ -106,7 +108,7 @@ def curves_markdown(curves_by_beta: dict[float, dict[str, list[dict]]]) -> str |
         lines = [
             f"β = {beta:g}: worst-objective win rate vs π_ref (%) against total FLOPs, mean over seeds",
             "",
-            "| policy | RL iterations | FLOPs | wall s | min win | seeds |",
+            "| policy | iterations / steps | FLOPs | wall s | min win | seeds |",
             "|---|---|---|---|---|---|",
         ]
         for family, points in sorted(curves.items()):

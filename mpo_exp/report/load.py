@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mpo_exp.report.curves import CHECKPOINT
+
 log = logging.getLogger("mpo_exp.report")
 
 REQUIRED = ("objectives", "policies", "cost", "seed", "beta", "method", "method_policies")
@@ -194,7 +196,7 @@ Setting = tuple[tuple[str, str], ...] | None
 #: never a grouping field: seeds pool into one row, and β is a row's own key
 NOT_GROUPING = ("seed", "beta")
 #: config sections that only a method's own policies read (π_ref, the π_k and uniform mixing do not)
-METHOD_SECTIONS = ("method", "rl", "reward_model", "mpo_scores", "mpo_decoded")
+METHOD_SECTIONS = ("method", "rl", "reward_model", "mpo_scores", "mpo_decoded", "modpo", "ric")
 #: sections a method's policies are known not to read; any other method keeps every section (one
 #: setting split in two rows shows in the labels, two settings merged in one row would not)
 UNUSED_BY = {
@@ -368,11 +370,11 @@ def row_normalization(res: dict, name: str) -> str | None:
 
 def in_table1(name: str) -> bool:
     """Every row but fixed user weights (the Pareto fronts' table), leave-one-out (the ablation) and
-    RL checkpoints (``morlhf@it8``).
+    checkpoints saved along training (``morlhf@it8``, ``modpo@step12``).
 
     Methods that take weights are here with uniform weights and with MPO's λ.
     """
-    if "@it" in name:  # an RL checkpoint: a point of a cost-to-quality curve, not a row
+    if CHECKPOINT.match(name):  # a point of a cost-to-quality curve, not a row
         return False
     return parse_weights(name) is None and not (name.startswith("mpo") and "_without_" in name)
 
