@@ -131,7 +131,17 @@ def test_conditioning_on_a_score_steers_a_trained_model(toy_task):
             )
 
         def ctx_fit(module, data, collate_fn, cfg, callbacks=()) -> None:
-            fit(module, data, collate_fn, trainer, cfg.batch_size, cfg.max_steps, None, seed=seed, callbacks=callbacks)
+            fit(
+                module,
+                data,
+                collate_fn,
+                trainer,
+                cfg.batch_size,
+                cfg.max_steps,
+                None,
+                seed=seed,
+                callbacks=callbacks,
+            )
 
         ctx = SimpleNamespace(reference=SimpleNamespace(tokenizer=tok), fit=ctx_fit)
         method = RiCMethod(bins=n_bins, lr=3e-3, warmup_steps=0, batch_size=64)
