@@ -209,6 +209,14 @@ def test_report_tables(sweep):
     header = (sweep / "table1.csv").read_text().splitlines()[0]
     assert header.startswith("beta,policy,helpful_mean") and "min_ci_low,min_ci_high" in header
     assert not (sweep / "lambda.md").exists()  # no lambda recorded in these results
+    # rewards, KL and the total cost per row; a row whose stages were not recorded shows "–"
+    per_policy = (sweep / "policies.md").read_text()
+    assert (
+        "| 0.1 | MORLHF (uniform w) | 0.100 ± 0.000 | -0.100 ± 0.000 | 1.00 ± 0.00 | 1.31e+03 | 60 | 81 | 2 |"
+        in per_policy
+    )
+    assert "| 0.1 | π_ref | 0.100 ± 0.000 | -0.100 ± 0.000 | 1.00 ± 0.00 | – | – | – | 2 |" in per_policy
+    assert "Rewards, KL and cost per policy" in report_md
 
 
 def test_cli_prints_the_tables(sweep, capsys):

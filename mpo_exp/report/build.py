@@ -30,6 +30,7 @@ from mpo_exp.report.load import (
 )
 from mpo_exp.report.options import landscapes, options_markdown
 from mpo_exp.report.plots import front_plots, make_plots
+from mpo_exp.report.policies import policies_markdown
 from mpo_exp.report.stats import DEFAULT_B, PromptBootstrap
 from mpo_exp.report.table1 import paper_table_markdown, table1
 
@@ -102,6 +103,7 @@ def build_report(
         "options": [],
         "landscape": [],
         "curves": [],
+        "policies": [],
     }
     report_parts: list[str] = []
     rows, costs, lambdas, images, dups, tables, all_fronts = [], [], [], [], [], [], []
@@ -130,6 +132,7 @@ def build_report(
         options = options_markdown(objectives, runs, records, boot)
         land_md, land_images = landscapes(runs, out, suffix, plots)
         images += land_images
+        policies_md = policies_markdown(objectives, records)
         curves = collect_curves(runs)
         curves_md = curves_markdown(curves)
         fronts, refs = collect_fronts(objectives, runs, boot)
@@ -146,12 +149,16 @@ def build_report(
             ("options", options),
             ("landscape", land_md),
             ("curves", curves_md),
+            ("policies", policies_md),
         ):
             if text:
                 md_parts[key].append(f"{heading}\n\n{text}" if multi else text)
         if multi:
             report_parts += ["", heading]
-        report_parts += ["", f"{h} Table 1: win rate vs π_ref (%)", "", md, "", f"{h} Cost", "", cost_md]
+        report_parts += ["", f"{h} Table 1: win rate vs π_ref (%)", "", md]
+        if policies_md:
+            report_parts += ["", f"{h} Rewards, KL and cost per policy", "", policies_md]
+        report_parts += ["", f"{h} Cost", "", cost_md]
         if lam_md:
             report_parts += ["", f"{h} MPO's λ", "", lam_md]
         if ablation:
@@ -165,7 +172,7 @@ def build_report(
         if land_md:
             report_parts += ["", f"{h} λ landscapes", "", land_md]
         if curves_md:
-            report_parts += ["", f"{h} Cost to quality (RL checkpoints)", "", curves_md]
+            report_parts += ["", f"{h} Cost to quality (checkpoints along training)", "", curves_md]
         if plots:
             images += make_plots(objectives, runs, t1.rows, group_costs, out, suffix)
             images += front_plots(objectives, fronts, refs, out, suffix)
@@ -183,7 +190,16 @@ def build_report(
     texts = {key: "\n\n".join(parts) or None for key, parts in md_parts.items()}
     (out / "table1.md").write_text(table1_md + "\n")
     (out / "cost.md").write_text(texts["cost"] + "\n")
-    for key in ("lambda", "ablation", "closed_form", "fixed_weights", "options", "landscape", "curves"):
+    for key in (
+        "lambda",
+        "ablation",
+        "closed_form",
+        "fixed_weights",
+        "options",
+        "landscape",
+        "curves",
+        "policies",
+    ):
         if texts[key]:
             (out / f"{key}.md").write_text(texts[key] + "\n")
 

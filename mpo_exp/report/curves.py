@@ -142,7 +142,8 @@ def curves_markdown(curves_by_beta: dict[float, dict[str, list[dict]]]) -> str |
 def curve_plots(
     curves_by_beta: dict[float, dict[str, list[dict]]], out: Path, suffix: str = ""
 ) -> list[Path]:
-    """One PNG per β with a curve: min win rate against FLOPs (log scale); non-RL policies as points."""
+    """One PNG per β with a curve: min win rate against FLOPs and against wall seconds (log scales);
+    policies without checkpoints as points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,19 +153,24 @@ def curve_plots(
     for beta, curves in sorted(curves_by_beta.items()):
         if not any(is_curve(p) for p in curves.values()):
             continue
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for family, points in sorted(curves.items()):
-            xs, ys = [p["flops"] for p in points], [100 * p["min_win"] for p in points]
-            if is_curve(points):
-                ax.plot(xs, ys, marker="o", label=family)
-            elif all(x > 0 for x in xs):
-                ax.scatter(xs, ys, marker="*" if family in MPO_NAMES else "s", s=70, label=family, zorder=3)
-        ax.set_xscale("log")
-        ax.set_xlabel("total FLOPs (shared stages included)")
-        ax.set_ylabel("worst-objective win rate vs π_ref (%)")
-        ax.set_title(f"Cost to quality, β = {beta:g}")
-        ax.axhline(50, color="grey", lw=0.6, ls=":")
-        ax.legend(fontsize=7, loc="best")
+        fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4), sharey=True)
+        for ax, what, xlabel in (
+            (axes[0], "flops", "total FLOPs (shared stages included)"),
+            (axes[1], "wall_s", "total wall seconds (shared stages included)"),
+        ):
+            for family, points in sorted(curves.items()):
+                xs, ys = [p[what] for p in points], [100 * p["min_win"] for p in points]
+                if is_curve(points):
+                    ax.plot(xs, ys, marker="o", label=family)
+                elif all(x > 0 for x in xs):
+                    marker = "*" if family in MPO_NAMES else "s"
+                    ax.scatter(xs, ys, marker=marker, s=70, label=family, zorder=3)
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.axhline(50, color="grey", lw=0.6, ls=":")
+        axes[0].set_ylabel("worst-objective win rate vs π_ref (%)")
+        fig.suptitle(f"Cost to quality, β = {beta:g}")
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         fig.tight_layout()
         path = out / f"cost_to_quality_beta{beta:g}{suffix}.png"
         fig.savefig(path, dpi=120)
