@@ -69,3 +69,25 @@ def test_no_checkpoints_no_curve_section(tmp_path):
 
 def test_checkpoints_stay_out_of_table1():
     assert not in_table1("morlhf@it8") and in_table1("morlhf") and in_table1("mpo_decoded")
+
+
+def test_budgets_table_counts_a_shared_reward_model_once_per_seed_and_flags_no_plateau():
+    from mpo_exp.report.budgets import budgets_markdown
+
+    rm = {"sentiment": {"budget": {"steps": 64, "max_steps": 160, "best_step": 40, "plateaued": True}}}
+    runs = [
+        {"beta": 0.5, "seed": s, "method": m, "reward_models": rm, "method_policies": [m], "config": {}}
+        | (
+            {"rl_budget": {"morlhf": {"iterations": 32, "prompts_per_iteration": 16, "plateaued": s == 0}}}
+            if m == "morlhf"
+            else {}
+        )
+        for s in (0, 1)
+        for m in ("morlhf", "maxmin_rlhf")
+    ]
+    md = budgets_markdown(runs)
+    assert (
+        "| 0.5 | reward model sentiment | ≤ 160 steps | 64 steps (best 40) / 64 steps (best 40) "
+        "| yes / yes | 2 |" in md
+    )
+    assert "| 0.5 | RL morlhf | 32 iterations × 16 prompts | " in md and "| yes / **no** | 2 |" in md

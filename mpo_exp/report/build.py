@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from mpo_exp.report.ablation import ablation_markdown
+from mpo_exp.report.budgets import budgets_markdown
 from mpo_exp.report.closed_form import closed_form_markdown
 from mpo_exp.report.cost import cost_markdown, cost_rows
 from mpo_exp.report.curves import collect_curves, curve_plots, curves_markdown
@@ -104,6 +105,7 @@ def build_report(
         "landscape": [],
         "curves": [],
         "policies": [],
+        "budgets": [],
     }
     report_parts: list[str] = []
     rows, costs, lambdas, images, dups, tables, all_fronts = [], [], [], [], [], [], []
@@ -133,6 +135,7 @@ def build_report(
         land_md, land_images = landscapes(runs, out, suffix, plots)
         images += land_images
         policies_md = policies_markdown(objectives, records)
+        budgets_md = budgets_markdown(runs)
         curves = collect_curves(runs)
         curves_md = curves_markdown(curves)
         fronts, refs = collect_fronts(objectives, runs, boot)
@@ -150,6 +153,7 @@ def build_report(
             ("landscape", land_md),
             ("curves", curves_md),
             ("policies", policies_md),
+            ("budgets", budgets_md),
         ):
             if text:
                 md_parts[key].append(f"{heading}\n\n{text}" if multi else text)
@@ -173,6 +177,8 @@ def build_report(
             report_parts += ["", f"{h} λ landscapes", "", land_md]
         if curves_md:
             report_parts += ["", f"{h} Cost to quality (checkpoints along training)", "", curves_md]
+        if budgets_md:
+            report_parts += ["", f"{h} Budgets", "", budgets_md]
         if plots:
             images += make_plots(objectives, runs, t1.rows, group_costs, out, suffix)
             images += front_plots(objectives, fronts, refs, out, suffix)
@@ -199,6 +205,7 @@ def build_report(
         "landscape",
         "curves",
         "policies",
+        "budgets",
     ):
         if texts[key]:
             (out / f"{key}.md").write_text(texts[key] + "\n")
