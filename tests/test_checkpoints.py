@@ -82,6 +82,12 @@ def test_a_sweeps_jobs_share_the_evaluations_of_pi_ref_the_pi_k_and_uniform(smok
         assert second["policies"][name] == first["policies"][name]
     assert second["pi_ref_fingerprint"] == first["pi_ref_fingerprint"]
 
+    # what changes an evaluation changes its key: another seed or another number of prompts
+    # evaluates afresh (a key without them would hand one seed's rows to another)
+    for extra in ("seed=1", "eval.n_prompts=16"):
+        other = run_pipeline(smoke_cfg("method=mod", "method.weights=[0.2,0.3,0.5]", extra), tmp_path / extra)
+        assert not any(other["cost"][f"eval/{n}"]["reused"] for n in ["pi_ref_baseline", *shared, *singles])
+
     alone = run_pipeline(
         smoke_cfg("method=mod", "method.weights=[0.2,0.3,0.5]", f"paths.cache_dir={tmp_path / 'fresh'}"),
         tmp_path / "c",
@@ -89,3 +95,39 @@ def test_a_sweeps_jobs_share_the_evaluations_of_pi_ref_the_pi_k_and_uniform(smok
     assert not alone["cost"]["eval/pi_ref"]["reused"]
     for name in second["policies"]:
         assert alone["policies"][name] == second["policies"][name], name
+
+
+def test_modpo_and_ric_checkpoints_are_checked_before_any_compute(smoke_cfg):
+    """MODPO's points lie before dpo.max_steps (5 in the smoke config), RiC's before its total steps."""
+    import pytest
+
+    from mpo_exp.config import ConfigError, validate_config
+
+    for bad in ("[0]", "[5]", "[2,2]"):
+        with pytest.raises(ConfigError, match="method.checkpoints"):
+            validate_config(smoke_cfg("method=modpo", f"method.checkpoints={bad}"), check_paths=False)
+    validate_config(smoke_cfg("method=modpo", "method.checkpoints=[1,4]"), check_paths=False)
+    from baselines.ric import RiCMethod
+
+    with pytest.raises(ValueError, match="method.checkpoints"):
+        RiCMethod(steps=3, online_steps=2, checkpoints=[5])
+    assert RiCMethod(steps=3, online_steps=2, checkpoints=[4, 1]).checkpoints == [1, 4]
+
+
+def test_an_evaluations_key_holds_the_eval_seed_even_where_pi_refs_key_does_not():
+    """SmolLM2's pi_ref is the model as loaded: its key is the same for every seed, so the cached
+    evaluation of pi_ref must be keyed by the evaluation's own seed (else seeds share rows)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from mpo_exp.pipeline import _evaluation_spec
+
+    def spec(seed: int) -> dict:
+        ctx = SimpleNamespace(keys={"sft": "same"}, cfg=OmegaConf.create({"task": {"t": 1}}), dtype="float32")
+        ev = SimpleNamespace(
+            prompts=[1, 2], temperature=1.0, n_examples=3, seed=seed + 2, batch_size=8, own_logprobs=True
+        )
+        return _evaluation_spec(ctx, ev)
+
+    assert spec(0) != spec(1) and spec(0) == spec(0)
