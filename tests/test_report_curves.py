@@ -91,3 +91,80 @@ def test_budgets_table_counts_a_shared_reward_model_once_per_seed_and_flags_no_p
         "| yes / yes | 2 |" in md
     )
     assert "| 0.5 | RL morlhf | 32 iterations × 16 prompts | " in md and "| yes / **no** | 2 |" in md
+
+
+def _outcome_run(seed: int, policies: dict[str, tuple[float, list[int]]], n: int = 400) -> dict:
+    """policies: name -> (total FLOPs, the prompts won, in both objectives; the rest lost)."""
+
+    def wins(won: list[int]) -> dict:
+        col = [1.0 if i in won else 0.0 for i in range(n)]
+        return {"min_win_rate": sum(col) / n, "win_per_prompt": {"a": col, "b": col}}
+
+    return {
+        "seed": seed,
+        "beta": 0.1,
+        "objectives": ["a", "b"],
+        "pi_ref_fingerprint": "same prompts",
+        "policies": {name: wins(won) for name, (_, won) in policies.items()},
+        "cost_summary": {n_: {"total": {"flops": f, "wall_s": 1.0}} for n_, (f, _) in policies.items()},
+    }
+
+
+MPO_WON = list(range(0, 400, 2))  # half the prompts
+FOUR_MORE = MPO_WON + [1, 3, 5, 7]  # MPO's wins and 4 more: +1 point, and 2% of draws see none of them
+
+
+def test_reaching_mpo_is_judged_against_noise_and_all_points_together():
+    from mpo_exp.report.stats import PromptBootstrap
+
+    run = _outcome_run(
+        0,
+        {
+            "mpo_decoded": (1e12, MPO_WON),
+            # clearly better at its final point only
+            **{f"better@it{i}": (i * 1e12, MPO_WON) for i in (1, 2)},
+            "better": (3e12, list(range(400))),
+            # worse at every point
+            **{f"worse@it{i}": (i * 1e12, []) for i in (1, 2)},
+            "worse": (3e12, [0]),
+            # a small gain at one point of six: beyond noise alone (95%), not once the curve's six
+            # points are judged together
+            **{f"slight@it{i}": (i * 1e12, MPO_WON) for i in (1, 2, 3, 4, 5)},
+            "slight": (6e12, FOUR_MORE),
+        },
+    )
+    curves = collect_curves([run], PromptBootstrap())[0.1]
+    rows = {r["method"]: r for r in reach_mpo(curves)}
+    assert rows["better"]["verdict"] == "above MPO beyond noise from 3e+12 FLOPs (3.0×)"
+    assert rows["better"]["delta"] == (0.0, 0.0, 0.0)  # its first point at MPO's level is MPO's twin
+    assert rows["worse"]["verdict"] == "below MPO beyond noise at every point"
+    assert not rows["worse"]["reached"] and rows["worse"]["delta"] is None
+    assert rows["slight"]["flops"] == 1e12  # reached at once (a tie), so take the last point by hand
+    last = _delta_of(curves["slight"][-1], curves["mpo_decoded"][0])
+    assert last[0] == pytest.approx(0.01) and last[1] > 0  # one point, 95%: beyond noise
+    assert rows["slight"]["verdict"] == "within noise of MPO"  # six points, family-wise: not
+    md = curves_markdown(collect_curves([run], PromptBootstrap()))
+    assert (
+        "| better | yes (50.0%) | 1e+12 | 1.0 | +0.0 [+0.0, +0.0] | 3e+12 | "
+        "above MPO beyond noise from 3e+12 FLOPs (3.0×) |" in md
+    )
+
+
+def _delta_of(point: dict, mpo: dict) -> tuple[float, float, float]:
+    from mpo_exp.report.curves import _delta
+
+    return _delta(point, mpo)
+
+
+def test_no_interval_when_the_seeds_differ_or_outcomes_are_missing():
+    from mpo_exp.report.stats import PromptBootstrap
+
+    runs = [
+        _outcome_run(0, {"mpo_decoded": (1e12, MPO_WON), "x@it1": (1e12, MPO_WON), "x": (2e12, MPO_WON)}),
+        _outcome_run(1, {"x@it1": (1e12, MPO_WON), "x": (2e12, MPO_WON)}),
+    ]
+    (row,) = reach_mpo(collect_curves(runs, PromptBootstrap())[0.1])
+    assert row["reached"] and row["delta"] is None
+    assert row["verdict"].startswith("no interval")
+    (row,) = reach_mpo(collect_curves(runs[:1])[0.1])  # no bootstrap: no draws
+    assert row["delta"] is None and row["verdict"].startswith("no interval")

@@ -136,7 +136,7 @@ def build_report(
         images += land_images
         policies_md = policies_markdown(objectives, records)
         budgets_md = budgets_markdown(runs)
-        curves = collect_curves(runs)
+        curves = collect_curves(runs, boot)
         curves_md = curves_markdown(curves)
         fronts, refs = collect_fronts(objectives, runs, boot)
         fixed = fronts_markdown(objectives, fronts, refs) if fronts else None

@@ -8,6 +8,10 @@ the x-axis is the policy's total cost (shared stages included: MPO pays for its 
 
 From the curves: the FLOPs a method needed to reach MPO's worst-objective win rate (the first
 point at or above it), or "not reached" within its budget -- the paper's cost claim, on one meter.
+A point estimate can "reach" MPO by noise alone, so each curve also gets the paired bootstrap
+difference from MPO (same seeds, same resampled prompts: :mod:`mpo_exp.report.stats`) at that
+point, and a verdict over all its points, family-wise: above MPO beyond noise (from which FLOPs),
+below it beyond noise at every point, or within noise.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+
+import numpy as np
+
+from mpo_exp.report.stats import LEVEL, PromptBootstrap, interval, outcome_matrix
 
 #: a policy saved along training: ``morlhf@it8`` (RL iterations), ``modpo@step12`` (optimiser steps)
 CHECKPOINT = re.compile(r"^(?P<label>.+)@(?:it|step)(?P<it>\d+)$")
@@ -34,15 +42,18 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def collect_curves(runs: Iterable[dict]) -> dict[float, dict[str, list[dict]]]:
+def collect_curves(
+    runs: Iterable[dict], boot: PromptBootstrap | None = None
+) -> dict[float, dict[str, list[dict]]]:
     """Per β, per policy family: its points in order of cost (mean over seeds).
 
     A point: ``iteration`` (None for a final or a non-RL policy), ``flops``, ``wall_s``,
-    ``min_win`` and the number of seeds ``n`` (runs are read in job order; a policy that several
-    jobs of one seed evaluate, such as π_ref, is taken from the first). A family with checkpoints
-    is a curve (its final policy last); the others are single points.
+    ``min_win``, the number of seeds ``n`` and the ``seeds`` (runs are read in job order; a policy
+    that several jobs of one seed evaluate, such as π_ref, is taken from the first). With ``boot``,
+    ``draws`` holds the bootstrap draws of its min win (None without per-prompt outcomes). A family
+    with checkpoints is a curve (its final policy last); the others are single points.
     """
-    acc: dict[float, dict[tuple[str, int | None], dict[str, list[float]]]] = defaultdict(
+    acc: dict[float, dict[tuple[str, int | None], dict[str, list]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
     seen: set[tuple[float, str, object]] = set()
@@ -58,16 +69,59 @@ def collect_curves(runs: Iterable[dict]) -> dict[float, dict[str, list[dict]]]:
             cell["flops"].append(float(cost["flops"]))
             cell["wall_s"].append(float(cost["wall_s"]))
             cell["min_win"].append(float(pol["min_win_rate"]))
+            cell["seed"].append(res.get("seed"))
+            cell["outcomes"].append(outcome_matrix(pol, list(res.get("objectives", []))))
+            cell["fingerprint"].append(res.get("pi_ref_fingerprint"))
     out: dict[float, dict[str, list[dict]]] = {}
     for beta, cells in acc.items():
         fams: dict[str, list[dict]] = defaultdict(list)
         for (family, it), v in cells.items():
             point = {k: _mean(v[k]) for k in ("flops", "wall_s", "min_win")}
-            fams[family].append({"iteration": it, **point, "n": len(v["min_win"])})
+            point |= {"n": len(v["min_win"]), "seeds": tuple(sorted(v["seed"], key=str))}
+            if boot is not None:
+                point["draws"] = _draws(boot, v)
+            fams[family].append({"iteration": it, **point})
         for points in fams.values():  # the final policy has no iteration number: it comes last
             points.sort(key=lambda p: math.inf if p["iteration"] is None else p["iteration"])
         out[beta] = dict(fams)
     return out
+
+
+def _draws(boot: PromptBootstrap, cell: dict[str, list]) -> np.ndarray | None:
+    """Bootstrap draws of a point's min win over its seeds; None when a seed lacks per-prompt outcomes."""
+    if any(w is None for w in cell["outcomes"]) or None in cell["seed"]:
+        return None
+    outcomes = {int(s): w for s, w in zip(cell["seed"], cell["outcomes"], strict=True)}
+    fps = {int(s): fp for s, fp in zip(cell["seed"], cell["fingerprint"], strict=True)}
+    return boot.min_draws(outcomes, fps)
+
+
+def _delta(point: dict, mpo: dict, level: float = LEVEL) -> tuple[float, float, float] | None:
+    """Paired bootstrap difference (point − MPO) in min win: (mean, lo, hi); None when not paired."""
+    a, b = point.get("draws"), mpo.get("draws")
+    if a is None or b is None or point["seeds"] != mpo["seeds"]:
+        return None
+    lo, hi = interval(a - b, level)
+    return point["min_win"] - mpo["min_win"], lo, hi
+
+
+def _verdict(points: list[dict], mpo: dict) -> str:
+    """Whether a curve is above or below MPO beyond noise, judged on all its points at once: each
+    point's interval at level 1 − 0.05/m for m points (Bonferroni), so that a curve of six points
+    is not six chances to pass by noise."""
+    level = 1 - (1 - LEVEL) / len(points)
+    deltas = [_delta(p, mpo, level) for p in points]
+    if any(d is None for d in deltas):
+        return "no interval (per-prompt outcomes missing or seeds differ)"
+    above = next((p for p, d in zip(points, deltas, strict=True) if d[1] > 0), None)
+    if above is not None:
+        ratio = above["flops"] / mpo["flops"]
+        return f"above MPO beyond noise from {above['flops']:.3g} FLOPs ({ratio:.1f}×)"
+    if all(d[2] < 0 for d in deltas):
+        return "below MPO beyond noise at every point"
+    return "within noise of MPO" + (
+        "" if all(d[2] >= 0 for d in deltas) else " (below it beyond noise at some points)"
+    )
 
 
 def is_curve(points: list[dict]) -> bool:
@@ -75,7 +129,9 @@ def is_curve(points: list[dict]) -> bool:
 
 
 def reach_mpo(curves: dict[str, list[dict]]) -> list[dict]:
-    """For each curve: FLOPs and wall seconds of its first point at or above MPO's mean min win."""
+    """For each curve: FLOPs and wall seconds of its first point at or above MPO's mean min win, the
+    paired difference from MPO there (``delta``: mean, lo, hi; None without draws), and a verdict
+    on all its points (:func:`_verdict`)."""
     mpo = next((curves[n][0] for n in MPO_NAMES if n in curves), None)
     if mpo is None:
         return []
@@ -94,9 +150,18 @@ def reach_mpo(curves: dict[str, list[dict]]) -> list[dict]:
                 "wall_s": None if hit is None else hit["wall_s"],
                 "budget_flops": points[-1]["flops"],
                 "best_min_win": max(p["min_win"] for p in points),
+                "delta": None if hit is None else _delta(hit, mpo),
+                "verdict": _verdict(points, mpo),
             }
         )
     return rows
+
+
+def _delta_text(delta: tuple[float, float, float] | None) -> str:
+    if delta is None:
+        return "–"
+    mean, lo, hi = (100 * x for x in delta)
+    return f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
 def curves_markdown(curves_by_beta: dict[float, dict[str, list[dict]]]) -> str | None:
@@ -121,20 +186,32 @@ def curves_markdown(curves_by_beta: dict[float, dict[str, list[dict]]]) -> str |
                 )
         reach = reach_mpo(curves)
         if reach:
-            lines += ["", "| method | reaches MPO's min win? | FLOPs then | × MPO's FLOPs | budget FLOPs |"]
-            lines.append("|---|---|---|---|---|")
+            lines += [
+                "",
+                "| method | reaches MPO's min win? | FLOPs then | × MPO's FLOPs | Δ min win then [95% CI] "
+                "| budget FLOPs | against MPO, all points |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for r in reach:
                 target = f"{100 * r['target']:.1f}%"
                 if r["reached"]:
-                    lines.append(
+                    head = (
                         f"| {r['method']} | yes ({target}) | {r['flops']:.3g} | "
-                        f"{r['flops'] / r['mpo_flops']:.1f} | {r['budget_flops']:.3g} |"
+                        f"{r['flops'] / r['mpo_flops']:.1f} | {_delta_text(r['delta'])} |"
                     )
                 else:
-                    lines.append(
+                    head = (
                         f"| {r['method']} | not within its budget (best {100 * r['best_min_win']:.1f}% "
-                        f"< {target}) | – | – | {r['budget_flops']:.3g} |"
+                        f"< {target}) | – | – | – |"
                     )
+                lines.append(f"{head} {r['budget_flops']:.3g} | {r['verdict']} |")
+            lines += [
+                "",
+                "Reaching MPO is judged on point estimates; Δ is the paired bootstrap difference from "
+                "MPO at that point (same seeds, same resampled prompts; the point is chosen for being "
+                "at or above MPO, so Δ leans high), and the last column judges all the curve's points "
+                "together (95% family-wise: Bonferroni over its points).",
+            ]
         parts.append("\n".join(lines))
     return "\n\n".join(parts) or None
 
