@@ -168,3 +168,16 @@ def test_no_interval_when_the_seeds_differ_or_outcomes_are_missing():
     assert row["verdict"].startswith("no interval")
     (row,) = reach_mpo(collect_curves(runs[:1])[0.1])  # no bootstrap: no draws
     assert row["delta"] is None and row["verdict"].startswith("no interval")
+
+
+def test_the_figure_draws_mpos_interval_as_a_band(tmp_path):
+    from mpo_exp.report.curves import _mpo_band
+    from mpo_exp.report.stats import PromptBootstrap
+
+    run = _outcome_run(0, {"mpo_decoded": (1e12, MPO_WON), "x@it1": (1e12, []), "x": (2e12, MPO_WON)})
+    curves = collect_curves([run], PromptBootstrap())
+    name, lo, hi = _mpo_band(curves[0.1])
+    assert name == "mpo_decoded" and 43 < lo < 50 < hi < 57  # 50% on 400 prompts: about ±5
+    assert _mpo_band(collect_curves([run])[0.1]) is None  # no draws, no band
+    (png,) = curve_plots(curves, tmp_path)
+    assert png.stat().st_size > 0

@@ -216,6 +216,16 @@ def curves_markdown(curves_by_beta: dict[float, dict[str, list[dict]]]) -> str |
     return "\n\n".join(parts) or None
 
 
+def _mpo_band(curves: dict[str, list[dict]]) -> tuple[str, float, float] | None:
+    """MPO's min-win interval in %, drawn as a band: a curve inside it is not apart from MPO by one
+    point's noise (the paired verdict is in ``curves.md``)."""
+    name = next((n for n in MPO_NAMES if n in curves), None)
+    if name is None or curves[name][0].get("draws") is None:
+        return None
+    lo, hi = interval(curves[name][0]["draws"])
+    return name, 100 * lo, 100 * hi
+
+
 def curve_plots(
     curves_by_beta: dict[float, dict[str, list[dict]]], out: Path, suffix: str = ""
 ) -> list[Path]:
@@ -242,6 +252,10 @@ def curve_plots(
                 elif all(x > 0 for x in xs):
                     marker = "*" if family in MPO_NAMES else "s"
                     ax.scatter(xs, ys, marker=marker, s=70, label=family, zorder=3)
+            band = _mpo_band(curves)
+            if band is not None:
+                name, lo, hi = band
+                ax.axhspan(lo, hi, color="tab:red", alpha=0.08, lw=0, label=f"{name}: 95% interval")
             ax.set_xscale("log")
             ax.set_xlabel(xlabel)
             ax.axhline(50, color="grey", lw=0.6, ls=":")
