@@ -34,6 +34,7 @@ from mpo_exp.report.plots import front_plots, make_plots
 from mpo_exp.report.policies import policies_markdown
 from mpo_exp.report.stats import DEFAULT_B, PromptBootstrap
 from mpo_exp.report.table1 import paper_table_markdown, table1
+from mpo_exp.report.versus import versus_markdown
 
 log = logging.getLogger("mpo_exp.report")
 
@@ -123,6 +124,9 @@ def build_report(
         if records.duplicates:
             t1.notes.append(duplicates_note(records))
         md = t1.markdown()
+        versus = versus_markdown(t1.rows)
+        if versus:
+            md += "\n\n" + versus
         (out / f"table1{suffix}.tex").write_text(t1.latex())
         (out / f"table1{suffix}.csv").write_text(t1.csv())
         group_costs, cost_notes = cost_rows(records)

@@ -143,6 +143,7 @@ def table1(objectives: list[str], records: Records, boot: PromptBootstrap) -> Ta
             "norm": norm,
             "label": records.label(key),
             "seeds": len(entries),
+            "seed_ids": tuple(sorted(entries)),
             "objectives": list(objectives),
         }
         for o in objectives:
