@@ -142,7 +142,7 @@ def test_reaching_mpo_is_judged_against_noise_and_all_points_together():
     assert rows["slight"]["flops"] == 1e12  # reached at once (a tie), so take the last point by hand
     last = _delta_of(curves["slight"][-1], curves["mpo_decoded"][0])
     assert last[0] == pytest.approx(0.01) and last[1] > 0  # one point, 95%: beyond noise
-    assert rows["slight"]["verdict"] == "within noise of MPO"  # six points, family-wise: not
+    assert rows["slight"]["verdict"] == "within noise of MPO at every point"  # six points, family-wise: not
     md = curves_markdown(collect_curves([run], PromptBootstrap()))
     assert (
         "| better | yes (50.0%) | 1e+12 | 1.0 | +0.0 [+0.0, +0.0] | 3e+12 | "

@@ -119,9 +119,9 @@ def _verdict(points: list[dict], mpo: dict) -> str:
         return f"above MPO beyond noise from {above['flops']:.3g} FLOPs ({ratio:.1f}×)"
     if all(d[2] < 0 for d in deltas):
         return "below MPO beyond noise at every point"
-    return "within noise of MPO" + (
-        "" if all(d[2] >= 0 for d in deltas) else " (below it beyond noise at some points)"
-    )
+    if any(d[2] < 0 for d in deltas):
+        return "below MPO beyond noise at some points, never above"
+    return "within noise of MPO at every point"
 
 
 def is_curve(points: list[dict]) -> bool:
