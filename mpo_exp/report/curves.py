@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mpo_exp.report.stats import LEVEL, PromptBootstrap, interval, outcome_matrix
+from mpo_exp.report.stats import LEVEL, PromptBootstrap, family_level, interval, outcome_matrix
 
 #: a policy saved along training: ``morlhf@it8`` (RL iterations), ``modpo@step12`` (optimiser steps)
 CHECKPOINT = re.compile(r"^(?P<label>.+)@(?:it|step)(?P<it>\d+)$")
@@ -109,8 +109,7 @@ def _verdict(points: list[dict], mpo: dict) -> str:
     """Whether a curve is above or below MPO beyond noise, judged on all its points at once: each
     point's interval at level 1 − 0.05/m for m points (Bonferroni), so that a curve of six points
     is not six chances to pass by noise."""
-    level = 1 - (1 - LEVEL) / len(points)
-    deltas = [_delta(p, mpo, level) for p in points]
+    deltas = [_delta(p, mpo, family_level(len(points))) for p in points]
     if any(d is None for d in deltas):
         return "no interval (per-prompt outcomes missing or seeds differ)"
     above = next((p for p, d in zip(points, deltas, strict=True) if d[1] > 0), None)
@@ -124,6 +123,12 @@ def _verdict(points: list[dict], mpo: dict) -> str:
     return "within noise of MPO at every point"
 
 
+def _mpo(curves: dict[str, list[dict]]) -> tuple[str, dict] | None:
+    """The MPO point the curves are compared with (:data:`MPO_NAMES`, first found)."""
+    name = next((n for n in MPO_NAMES if n in curves), None)
+    return None if name is None else (name, curves[name][0])
+
+
 def is_curve(points: list[dict]) -> bool:
     return any(p["iteration"] is not None for p in points)
 
@@ -132,9 +137,10 @@ def reach_mpo(curves: dict[str, list[dict]]) -> list[dict]:
     """For each curve: FLOPs and wall seconds of its first point at or above MPO's mean min win, the
     paired difference from MPO there (``delta``: mean, lo, hi; None without draws), and a verdict
     on all its points (:func:`_verdict`)."""
-    mpo = next((curves[n][0] for n in MPO_NAMES if n in curves), None)
-    if mpo is None:
+    found = _mpo(curves)
+    if found is None:
         return []
+    mpo = found[1]
     rows = []
     for family, points in sorted(curves.items()):
         if not is_curve(points):
@@ -219,11 +225,11 @@ def curves_markdown(curves_by_beta: dict[float, dict[str, list[dict]]]) -> str |
 def _mpo_band(curves: dict[str, list[dict]]) -> tuple[str, float, float] | None:
     """MPO's min-win interval in %, drawn as a band: a curve inside it is not apart from MPO by one
     point's noise (the paired verdict is in ``curves.md``)."""
-    name = next((n for n in MPO_NAMES if n in curves), None)
-    if name is None or curves[name][0].get("draws") is None:
+    found = _mpo(curves)
+    if found is None or found[1].get("draws") is None:
         return None
-    lo, hi = interval(curves[name][0]["draws"])
-    return name, 100 * lo, 100 * hi
+    lo, hi = interval(found[1]["draws"])
+    return found[0], 100 * lo, 100 * hi
 
 
 def curve_plots(

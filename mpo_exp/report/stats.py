@@ -93,6 +93,11 @@ class PromptBootstrap:
         return np.mean(per_seed, axis=0)
 
 
+def family_level(m: int, level: float = LEVEL) -> float:
+    """Each of m comparisons' interval level so that all m hold together at ``level`` (Bonferroni)."""
+    return 1 - (1 - level) / max(m, 1)
+
+
 def interval(draws: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
     """Percentile interval of bootstrap draws."""
     lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpo_exp.report.curves import MPO_NAMES
-from mpo_exp.report.stats import LEVEL, interval
+from mpo_exp.report.stats import family_level, interval
 
 
 def _reference(rows: list[dict]) -> dict | None:
@@ -34,7 +34,7 @@ def versus_mpo(rows: list[dict]) -> list[dict]:
             for r in group
             if r is not ref and r.get("draws") is not None and r["seed_ids"] == ref["seed_ids"]
         ]
-        family = 1 - (1 - LEVEL) / max(len(others), 1)
+        family = family_level(len(others))
         for r in others:
             diff = np.asarray(r["draws"]) - np.asarray(ref["draws"])
             out.append(
